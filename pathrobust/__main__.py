@@ -1,0 +1,3 @@
+from pathrobust.cli import main
+
+main()

@@ -1,0 +1,235 @@
+"""The ``pathrobust`` command line: a thin layer over the Python API.
+
+Every command catches :class:`pathrobust.UserError` at the top (:func:`main`) and prints it
+as one line with exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pathrobust import cli_options as opt
+from pathrobust.errors import UserError
+
+app = typer.Typer(
+    name="pathrobust",
+    help="Benchmark and distill pathology tile encoders: PLISM robustness, HEST, EVA, DINO+iBOT distillation, leaderboards.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+models_app = typer.Typer(help="List and inspect encoders.", no_args_is_help=True)
+run_app = typer.Typer(help="Run an evaluation suite on an encoder.", no_args_is_help=True)
+data_app = typer.Typer(help="Build synthetic datasets in the real on-disk layouts.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(run_app, name="run")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+# -- models --------------------------------------------------------------------------------
+def _fmt_params(n: int | None) -> str:
+    if not n:
+        return "0" if n == 0 else "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _model_row(spec, local: str | None) -> dict:
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "params": spec.params,
+        "dims": dict(spec.poolings),
+        "default_pooling": spec.default_pooling,
+        "input_size": spec.input_size,
+        "access": "no weights" if not spec.pretrained else ("gated" if spec.gated else "open"),
+        "license": spec.license,
+        "hub_id": spec.hub_id,
+        "weights_local": local,
+    }
+
+
+@models_app.command("list")
+def models_list(as_json: opt.Json = False,
+                family: Annotated[Optional[str], typer.Option("--family", help="Only this family.")] = None) -> None:
+    """List registered encoders: size, output dim per pooling (* = default), input, access,
+    licence and whether weights are on this machine.
+
+    Examples:
+      pathrobust models list
+      pathrobust models list --family bioptimus --json
+    """
+    from pathrobust.registry import list_specs
+    from pathrobust.weights import local_weights
+
+    rows = [_model_row(s, local_weights(s) if s.pretrained else "n/a")
+            for s in list_specs() if family is None or s.family == family]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="pathrobust encoders", show_lines=False)
+    for col in ("name", "family", "params", "dim per pooling", "input", "access", "licence", "weights here"):
+        table.add_column(col)
+    for r in rows:
+        dims = " · ".join(f"{k} {v}{'*' if k == r['default_pooling'] else ''}" for k, v in r["dims"].items())
+        here = "n/a" if r["weights_local"] == "n/a" else ("[green]yes[/]" if r["weights_local"] else "[dim]no[/]")
+        table.add_row(r["name"], r["family"], _fmt_params(r["params"]), dims, str(r["input_size"]),
+                      r["access"], r["license"], here)
+    console.print(table)
+    console.print("Choose a pooling with [bold]--pooling[/] (e.g. `--pooling cls+mean`); * marks each model's default.")
+
+
+@models_app.command("show")
+def models_show(name: Annotated[str, typer.Argument(help="Encoder name, module:factory, file.py:factory or a distilled model directory.")],
+                as_json: opt.Json = False) -> None:
+    """Show one encoder's full spec (architecture, preprocessing, pooling, weights).
+
+    Examples:
+      pathrobust models show h0-mini
+      pathrobust models show runs/distill/demo --json
+    """
+    from pathrobust.registry import resolve_spec
+    from pathrobust.weights import local_weights
+
+    spec = resolve_spec(name)
+    data = spec.to_dict()
+    data["spec_hash"] = spec.hash
+    data["weights_local"] = local_weights(spec) if spec.pretrained else "n/a"
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=spec.name, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+
+
+# -- extract -------------------------------------------------------------------------------
+def tile_sources(data: Path, slides: bool = False, target_mpp: float = 0.5, tile_size: int = 224,
+                 slide_mpp: float | None = None):
+    """Turn ``--data`` into tile sources: a folder of tiles, an h5 of tiles, a slide file,
+    or a folder of slides (``--slides`` forces slide mode for ``.tif`` folders)."""
+    from pathrobust.data.slides import SLIDE_SUFFIXES, SlideTiles, find_slides
+    from pathrobust.data.tiles import FolderTiles, H5Tiles
+
+    if not data.exists():
+        raise UserError(f"--data {data}: does not exist")
+    slide_only = {s for s in SLIDE_SUFFIXES if s not in (".tif", ".tiff")}
+    if data.is_file():
+        if data.suffix in (".h5", ".hdf5"):
+            return [H5Tiles(data)]
+        if data.suffix.lower() in SLIDE_SUFFIXES:
+            return [SlideTiles(data, tile_size, target_mpp, slide_mpp_default=slide_mpp)]
+        raise UserError(f"--data {data}: expected a folder of tiles, a .h5 of tiles or a slide file")
+    if slides or any(p.suffix.lower() in slide_only for p in data.rglob("*")):
+        return [SlideTiles(p, tile_size, target_mpp, slide_mpp_default=slide_mpp) for p in find_slides(data)]
+    h5s = sorted(data.glob("*.h5"))
+    if h5s:
+        return [H5Tiles(p) for p in h5s]
+    return [FolderTiles(data)]
+
+
+@app.command()
+def extract(
+    model: opt.Model,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Folder of tiles (png/jpg/tif), h5 of tiles, slide file, or folder of slides/h5s.")],
+    out: opt.OutDir = Path("features"),
+    pooling: opt.Pooling = None,
+    weights: opt.Weights = None,
+    batch_size: opt.BatchSize = 64,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "auto",
+    device: opt.Device = "auto",
+    overwrite: opt.Overwrite = False,
+    slides: Annotated[bool, typer.Option("--slides", help="Treat .tif/.tiff files in --data as whole-slide images.")] = False,
+    target_mpp: Annotated[float, typer.Option("--target-mpp", help="Slides: tile resolution in µm/px.")] = 0.5,
+    tile_size: Annotated[int, typer.Option("--tile-size", help="Slides: tile side in pixels.")] = 224,
+    slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="Slides: µm/px to assume when the file has none.")] = None,
+    no_progress: opt.NoProgress = False,
+) -> None:
+    """Extract pooled tile features to h5 files (one per slide / tile folder / h5), resumable.
+
+    Killed or interrupted? Run the same command again: finished chunks are kept and the
+    result is byte-identical to an uninterrupted run. Finished files are skipped unless
+    --overwrite.
+
+    Examples:
+      pathrobust extract --model h0-mini --data tiles/ --out features/
+      pathrobust extract --model virchow2 --pooling cls --data slides/ --slides --target-mpp 0.5
+      pathrobust extract --model ./my_model.py:build --data patches.h5 --weights my.safetensors
+    """
+    from pathrobust.encoders.base import build_encoder
+    from pathrobust.extract import extract_features, resolve_device
+
+    sources = tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
+    encoder = build_encoder(model, pooling=pooling, weights=weights, device=resolve_device(device))
+    out_dir = out / _safe_name(encoder.name)
+    for source in sources:
+        path = extract_features(encoder, source, out_dir / f"{source.name}.h5", batch_size=batch_size,
+                                num_workers=workers, precision=precision, device=device, overwrite=overwrite,
+                                progress=not no_progress)
+        err_console.print(f"[green]✓[/] {path}  ({len(source)} tiles, {encoder.output_dim}-d, {encoder.pooling})")
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+    return keep.strip("._") or "model"
+
+
+# -- entry point ---------------------------------------------------------------------------
+_COMMAND_MODULES: list[str] = []
+
+
+def _load_commands() -> None:
+    import importlib
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app, turning UserError into one line + exit 2."""
+    import click
+
+    _load_commands()
+    try:
+        app(args=argv, prog_name="pathrobust", standalone_mode=False)
+    except UserError as exc:
+        if _STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
