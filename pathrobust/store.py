@@ -1,0 +1,164 @@
+"""Results database (SQLite) and run directories.
+
+Run directory: ``<out>/<suite>/<model>/<run-id>/`` holding the resolved config, per-item
+metrics, ``summary.json``, ``provenance.json`` and the log. Each finished run is also one row
+(plus its metrics) in ``<out>/results.sqlite`` — WAL mode, one transaction per run, so
+concurrent writers lose nothing — which ``pathrobust report`` reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DB_FILENAME = "results.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    task TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL,
+    spec_hash TEXT NOT NULL DEFAULT '',
+    pooling TEXT NOT NULL DEFAULT '',
+    precision TEXT NOT NULL DEFAULT '',
+    input_size INTEGER,
+    params INTEGER,
+    weights_sha256 TEXT NOT NULL DEFAULT '',
+    data_fingerprint TEXT NOT NULL DEFAULT '',
+    options TEXT NOT NULL DEFAULT '{}',
+    timings TEXT NOT NULL DEFAULT '{}',
+    environment TEXT NOT NULL DEFAULT '{}',
+    run_dir TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, name)
+);
+CREATE INDEX IF NOT EXISTS runs_suite_model ON runs(suite, model);
+"""
+
+
+def environment() -> dict[str, str]:
+    """Versions and device of this process (recorded with every run)."""
+    import torch
+
+    from pathrobust import __version__
+
+    env = {"pathrobust": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform()}
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return env
+
+
+@dataclass
+class RunRecord:
+    suite: str
+    model: str
+    metrics: Mapping[str, float]
+    task: str = ""
+    spec_hash: str = ""
+    pooling: str = ""
+    precision: str = ""
+    input_size: int | None = None
+    params: int | None = None
+    weights_sha256: str = ""
+    data_fingerprint: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    run_dir: str = ""
+    run_id: str = field(default_factory=lambda: new_run_id())
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+class ResultsDB:
+    """The SQLite results database. Safe for concurrent writer processes."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA busy_timeout=60000")
+        con.execute("PRAGMA foreign_keys=ON")
+        return con
+
+    def record(self, run: RunRecord) -> str:
+        """Insert (or replace) one run and its metrics in a single transaction."""
+        row = asdict(run)
+        metrics = row.pop("metrics")
+        for key in ("options", "timings", "environment"):
+            row[key] = json.dumps(row[key], sort_keys=True, default=str)
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM metrics WHERE run_id = ?", (run.run_id,))
+            cols = ", ".join(row)
+            con.execute(f"INSERT OR REPLACE INTO runs ({cols}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            con.executemany("INSERT INTO metrics (run_id, name, value) VALUES (?, ?, ?)",
+                            [(run.run_id, k, None if v is None else float(v)) for k, v in metrics.items()])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+        return run.run_id
+
+    def runs(self, suite: str | None = None) -> Iterator[RunRecord]:
+        con = self._connect()
+        con.row_factory = sqlite3.Row
+        try:
+            query = "SELECT * FROM runs" + (" WHERE suite = ?" if suite else "") + " ORDER BY created_at, run_id"
+            rows = con.execute(query, (suite,) if suite else ()).fetchall()
+            metric_rows = con.execute("SELECT run_id, name, value FROM metrics").fetchall()
+        finally:
+            con.close()
+        metrics: dict[str, dict[str, float]] = {}
+        for m in metric_rows:
+            metrics.setdefault(m["run_id"], {})[m["name"]] = m["value"]
+        for r in rows:
+            data = dict(r)
+            for key in ("options", "timings", "environment"):
+                data[key] = json.loads(data[key])
+            yield RunRecord(metrics=metrics.get(data["run_id"], {}), **data)
+
+
+def run_dir_for(out: str | os.PathLike, suite: str, model: str, run_id: str) -> Path:
+    """``<out>/<suite>/<model>/<run-id>/`` (model name made filesystem-safe)."""
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in model).strip("._") or "model"
+    return Path(out) / suite / safe / run_id
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
