@@ -10,7 +10,7 @@ def phikon() -> EncoderSpec:
         family="owkin",
         arch="vit_base_patch16_224",
         # transformers ViTModel: LayerNorm eps 1e-12, final layernorm; loaded via key conversion
-        arch_kwargs={"img_size": 224},
+        arch_kwargs={"img_size": 224, "norm_layer": "pathrobust.encoders.convert:LayerNormEps12"},
         hub_id="owkin/phikon",
         weights_format="transformers-vit",
         mean=IMAGENET_MEAN,
