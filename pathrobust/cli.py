@@ -84,16 +84,18 @@ def models_list(as_json: opt.Json = False,
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="pathrobust encoders", show_lines=False)
-    for col in ("name", "family", "params", "dim per pooling", "input", "access", "licence", "weights here"):
-        table.add_column(col)
+    table = Table(title="pathrobust encoders", show_lines=False, pad_edge=False)
+    for col in ("name", "family", "params", "dim cls/cls+mean/mean", "input", "access", "licence", "weights"):
+        table.add_column(col, overflow="fold")
     for r in rows:
-        dims = " · ".join(f"{k} {v}{'*' if k == r['default_pooling'] else ''}" for k, v in r["dims"].items())
-        here = "n/a" if r["weights_local"] == "n/a" else ("[green]yes[/]" if r["weights_local"] else "[dim]no[/]")
+        dims = " / ".join(f"{r['dims'][p]}{'*' if p == r['default_pooling'] else ''}" if p in r["dims"] else "-"
+                          for p in ("cls", "cls+mean", "mean"))
+        here = "n/a" if r["weights_local"] == "n/a" else ("[green]found[/]" if r["weights_local"] else "[dim]-[/]")
         table.add_row(r["name"], r["family"], _fmt_params(r["params"]), dims, str(r["input_size"]),
                       r["access"], r["license"], here)
     console.print(table)
-    console.print("Choose a pooling with [bold]--pooling[/] (e.g. `--pooling cls+mean`); * marks each model's default.")
+    console.print("* = default pooling; choose another with [bold]--pooling[/] (cls, cls+mean, mean). "
+                  "weights: found on this machine (--weights, $PATHROBUST_WEIGHTS_DIR, Hugging Face cache).")
 
 
 @models_app.command("show")
