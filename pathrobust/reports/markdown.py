@@ -79,7 +79,7 @@ def render_markdown(report: Report) -> str:
              "protocol options or data are distinct. Published rows are marked as such and kept in their own tables.",
              "", "## Overall", "",
              "One row per (model, pooling, precision, input size); ranked by mean rank over the suites it ran. "
-             "Accuracy = mean of the HEST and EVA scores present.", ""]
+             "Accuracy = mean of the HEST and EVA scores (shown only for rows that have both).", ""]
     if report.overall:
         lines += _table(overall_header(report), [overall_cells(r, report.suites) for r in report.overall])
     else:

@@ -14,7 +14,8 @@ Rules:
   those are a subset of the published ones (so the comparison is like for like), else the
   published average.
 * Overall: one row per (model, pooling, precision, input size), each suite's score from that
-  key's latest run (ties: the larger run id); "accuracy" is the mean of the HEST and EVA scores present; rows are
+  key's latest run (ties: the larger run id); "accuracy" is the mean of the HEST and EVA scores
+  (of those suites the report shows; "—" unless the row has all of them); rows are
   ranked by their mean rank over the suites they appear in (more suites first on ties).
 """
 
@@ -60,6 +61,7 @@ class Row:
     run_dir: str = ""
     created_at: str = ""
     environment: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # measured: every metric of the ranked record
     source: str = ""  # published rows: where the numbers come from
 
     @property
@@ -171,6 +173,7 @@ def _metrics_board(d: LeaderboardDef, records: list[RunRecord], published: Publi
         rec = next((r for r in group if not r.task), group[0])
         row = _base_row(rec, group)
         row.values = {c.key: _finite(rec.metrics.get(c.key)) for c in d.columns}
+        row.metrics = {k: _finite(v) for k, v in rec.metrics.items()}
         row.score = _finite(rec.metrics.get(d.rank_metric))
         if d.ci:
             low, high = (_finite(rec.metrics.get(k)) for k in d.ci)
@@ -258,8 +261,11 @@ def _rank_overall(rows: list[OverallRow], suites: list[str]) -> list[OverallRow]
         scored = sorted((r for r in rows if r.scores.get(suite) is not None), key=lambda r: -r.scores[suite])
         for i, r in enumerate(scored):
             ranks[id(r)].append(i + 1)
+    accuracy_suites = [s for s in ACCURACY_SUITES if s in suites]
     for r in rows:
-        r.accuracy = _mean(r.scores.get(s) for s in ACCURACY_SUITES)
+        # Comparable only over the same suites: every accuracy suite of the report, or none.
+        acc = [r.scores.get(s) for s in accuracy_suites]
+        r.accuracy = _mean(acc) if acc and None not in acc else None
         r.mean_rank = _mean(ranks[id(r)])
     rows.sort(key=lambda r: (r.mean_rank is None, r.mean_rank or 0.0, -len(ranks[id(r)]), r.model, r.pooling,
                              r.precision, r.input_size or 0))
