@@ -23,7 +23,9 @@ h1 { font-size: 1.5rem; margin: 0 0 .5rem; } h2 { margin-top: 2rem; } h3 { color
 .note { color: #555; max-width: 70rem; }
 table { border-collapse: collapse; margin: .5rem 0 1rem; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #d0d7de; padding: .25rem .5rem; text-align: right; white-space: nowrap; }
-td.text, th.text { text-align: left; white-space: normal; max-width: 22rem; overflow-wrap: anywhere; }
+td.text, th.text { text-align: left; }
+td.wrap { white-space: normal; min-width: 9rem; max-width: 24rem; overflow-wrap: break-word; }
+.scroll { overflow-x: auto; max-width: 100%; }
 th { background: #f6f8fa; cursor: pointer; user-select: none; position: sticky; top: 0; }
 th[aria-sort="ascending"]::after { content: " \\25B2"; } th[aria-sort="descending"]::after { content: " \\25BC"; }
 tbody tr:nth-child(even) { background: #fafbfc; }
@@ -95,20 +97,25 @@ def _text(value: object) -> str:
     return _td(fmt.text(value), cls="text")
 
 
+def _wrap(value: object) -> str:
+    """A text cell that may wrap (long user strings: model names, options, sources)."""
+    return _td(fmt.text(value), cls="text wrap")
+
+
 def _table(header: list[str], text_cols: set[int], rows: list[str], cls: str = "", caption: str = "",
            table_id: str = "") -> str:
     ths = "".join(f'<th class="text" scope="col">{_e(h)}</th>' if i in text_cols else f'<th scope="col">{_e(h)}</th>'
                   for i, h in enumerate(header))
     cap = f"<caption>{caption}</caption>" if caption else ""
     ident = f' id="{_e(table_id)}"' if table_id else ""
-    return (f'<table class="sortable {cls}"{ident}>{cap}<thead><tr>{ths}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return (f'<div class="scroll"><table class="sortable {cls}"{ident}>{cap}<thead><tr>{ths}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _overall(report: Report) -> str:
     rows = []
     for r in report.overall:
-        cells = [_td(fmt.text(r.rank), r.rank), _text(r.model), _text(r.pooling), _text(r.precision),
+        cells = [_td(fmt.text(r.rank), r.rank), _wrap(r.model), _text(r.pooling), _text(r.precision),
                  _td(fmt.text(r.input_size), r.input_size)]
         cells += [_td(fmt.num(r.scores.get(s)), r.scores.get(s)) for s in report.suites]
         cells += [_td(fmt.num(r.accuracy), r.accuracy), _td(fmt.num(r.mean_rank, 2), r.mean_rank),
@@ -123,13 +130,13 @@ def _overall(report: Report) -> str:
 
 
 def _measured_row(board: SuiteBoard, r: Row) -> str:
-    cells = [_td(fmt.text(r.rank), r.rank), _text(r.model), _text(r.pooling), _text(r.precision),
+    cells = [_td(fmt.text(r.rank), r.rank), _wrap(r.model), _text(r.pooling), _text(r.precision),
              _td(fmt.text(r.input_size), r.input_size), _td(fmt.num_std(r.score, r.stds.get("_score")), r.score)]
     cells += [_td(fmt.num_std(r.values.get(c.key), r.stds.get(c.key)), r.values.get(c.key)) for c in board.columns]
     if board.suite == "plism":
         cells.append(_td(fmt.ci(r), r.ci[0] if r.ci else None))
     cells += [_td(fmt.params(r.params), r.params), _td(fmt.rate(r.tiles_per_s), r.tiles_per_s),
-              _text(r.protocol), _td(fmt.short(r.data_fingerprint), cls="text"), _text(r.run_id)]
+              _wrap(r.protocol), _td(fmt.short(r.data_fingerprint), cls="text"), _text(r.run_id)]
     title = f' title="{_e(r.run_dir)}"' if r.run_dir else ""
     return f"<tr{title}>{''.join(cells)}</tr>"
 
@@ -137,10 +144,10 @@ def _measured_row(board: SuiteBoard, r: Row) -> str:
 def _published_row(board: SuiteBoard, r: Row) -> str:
     d = board.published_digits
     cells = [_td(fmt.text(r.rank), r.rank),
-             f'<td class="text">{_e(r.model)} <span class="badge">published</span></td>', _text(r.pooling),
+             f'<td class="text wrap">{_e(r.model)} <span class="badge">published</span></td>', _text(r.pooling),
              _td(fmt.num(r.score, d), r.score)]
     cells += [_td(fmt.num(r.values.get(c.key), d), r.values.get(c.key)) for c in board.published_columns]
-    cells += [_td(fmt.params(r.params), r.params), _text(r.source)]
+    cells += [_td(fmt.params(r.params), r.params), _wrap(r.source)]
     return f'<tr class="published">{"".join(cells)}</tr>'
 
 
