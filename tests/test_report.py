@@ -158,3 +158,37 @@ def test_cli_report(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no results database" in err and "Traceback" not in err
     assert not (tmp_path / "rep2").exists()  # nothing written on bad input
+
+
+def test_markdown_cells_cannot_break_the_table_or_inject_html():
+    from pathrobust.reports.markdown import md_escape
+
+    assert md_escape("a|b <i>x</i>\n`y`") == "a\\|b &lt;i&gt;x&lt;/i&gt; \\`y\\`"
+    recs = [RunRecord(suite="plism", model="evil|model", run_id="q", metrics={"leaderboard": 0.3},
+                      options={"path": "/data/<x>|y"})]
+    lines = render_markdown(build_report(recs, include_published=False)).splitlines()
+    row = [line for line in lines if "evil" in line][-1]  # the PLISM board row (it has the options)
+    header = lines[lines.index(row) - 2]
+    cells = re.split(r"(?<!\\)\|", row)
+    assert len(cells) == len(header.split("|"))  # the escaped pipes split nothing
+    assert "<x>" not in row and "/data/&lt;x&gt;\\|y" in row
+
+
+def test_runs_recorded_by_suite_run_feed_the_report(tmp_path):
+    """The path the suites take: SuiteRun.finish -> results DB -> report (heatmap from the run dir)."""
+    from pathrobust.suites.base import SuiteRun
+    from test_report_fixtures import _plism_metrics, _write_pair_csv
+
+    run = SuiteRun(tmp_path / "runs", "plism", "tiny", {"pooling": "cls", "precision": "fp32"})
+    _write_pair_csv(run.dir, 0.8)
+    run.finish({"leaderboard": 0.4}, [RunRecord(suite="plism", model="tiny", pooling="cls", precision="fp32",
+                                                metrics=_plism_metrics(0.4), run_id="auto")])
+    hest = SuiteRun(tmp_path / "runs", "hest", "tiny", {"pooling": "cls"})
+    hest.finish({}, [RunRecord(suite="hest", task=t, model="tiny", pooling="cls", precision="fp32",
+                               metrics={"pearson_mean": v}, run_id="auto") for t, v in (("IDC", 0.3), ("average", 0.3))])
+    files = write_report(tmp_path / "runs" / "results.sqlite", tmp_path / "out", include_published=False)
+    plism, hest_board = files.report.boards
+    assert plism.rows[0].run_id == run.run_id and plism.rows[0].run_dir == str(run.dir)
+    assert hest_board.rows[0].run_id == hest.run_id and hest_board.rows[0].values == {"IDC": 0.3}
+    assert plism.rows[0].wall_s is not None and plism.rows[0].environment["torch"]
+    assert any(p.stem == "plism_heatmaps" for p in files.plots)
