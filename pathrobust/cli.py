@@ -198,7 +198,7 @@ def _safe_name(name: str) -> str:
 
 
 # -- entry point ---------------------------------------------------------------------------
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["pathrobust.commands.report"]
 
 
 def _load_commands() -> None:

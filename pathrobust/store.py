@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 DB_FILENAME = "results.sqlite"
+#: Bumped when the schema changes; stored in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -100,8 +102,37 @@ class ResultsDB:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.executescript(SCHEMA)
+        con = self._connect()
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                from pathrobust.errors import UserError
+
+                raise UserError(f"{self.path}: results database schema v{version} is newer than this "
+                                f"pathrobust understands (v{SCHEMA_VERSION}); upgrade pathrobust")
+            if version < SCHEMA_VERSION:
+                # One writer creates the schema; concurrent openers wait, then see it (idempotent DDL).
+                con.execute("BEGIN IMMEDIATE")
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    con.execute(statement)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                con.execute("COMMIT")
+        finally:
+            con.close()
+
+    @classmethod
+    def open_existing(cls, path: str | os.PathLike, what: str = "--db") -> "ResultsDB":
+        """Open a database that must already exist (readers: a typo must not create an empty one)."""
+        if not Path(path).is_file():
+            from pathrobust.errors import UserError
+
+            raise UserError(f"{what} {path}: no results database there (suite runs write <out>/{DB_FILENAME})")
+        try:
+            return cls(path)
+        except sqlite3.DatabaseError as exc:
+            from pathrobust.errors import UserError
+
+            raise UserError(f"{what} {path}: not a results database ({exc})") from None
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
@@ -133,12 +164,19 @@ class ResultsDB:
         return run.run_id
 
     def runs(self, suite: str | None = None) -> Iterator[RunRecord]:
+        """Every recorded run (of one suite), oldest first."""
+        where = " WHERE suite = ?" if suite else ""
+        args = (suite,) if suite else ()
         con = self._connect()
         con.row_factory = sqlite3.Row
         try:
-            query = "SELECT * FROM runs" + (" WHERE suite = ?" if suite else "") + " ORDER BY created_at, run_id"
-            rows = con.execute(query, (suite,) if suite else ()).fetchall()
-            metric_rows = con.execute("SELECT run_id, name, value FROM metrics").fetchall()
+            # One read transaction: runs and metrics come from the same snapshot.
+            con.execute("BEGIN")
+            rows = con.execute(f"SELECT * FROM runs{where} ORDER BY created_at, run_id", args).fetchall()
+            metric_rows = con.execute(
+                "SELECT m.run_id, m.name, m.value FROM metrics m JOIN runs r ON r.run_id = m.run_id"
+                + where.replace("suite", "r.suite"), args).fetchall()
+            con.execute("COMMIT")
         finally:
             con.close()
         metrics: dict[str, dict[str, float]] = {}
@@ -149,6 +187,22 @@ class ResultsDB:
             for key in ("options", "timings", "environment"):
                 data[key] = json.loads(data[key])
             yield RunRecord(metrics=metrics.get(data["run_id"], {}), **data)
+
+
+    def suites(self) -> list[str]:
+        """Suites with at least one recorded run, sorted."""
+        con = self._connect()
+        try:
+            return [r[0] for r in con.execute("SELECT DISTINCT suite FROM runs ORDER BY suite")]
+        finally:
+            con.close()
+
+    def count(self) -> int:
+        con = self._connect()
+        try:
+            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        finally:
+            con.close()
 
 
 def run_dir_for(out: str | os.PathLike, suite: str, model: str, run_id: str) -> Path:
