@@ -75,6 +75,10 @@ def _converter(fmt: str) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[
         return convert_timm
     if fmt == "in-order":
         return convert_in_order
+    if fmt == "conch":
+        from pathrobust.encoders.conch import convert_conch
+
+        return convert_conch
     if fmt.startswith("transformers-"):
         from pathrobust.encoders.convert import convert_transformers
 

@@ -50,22 +50,29 @@ def uni2_h() -> EncoderSpec:
 
 @register_encoder
 def conch() -> EncoderSpec:
+    # CONCH's conch_ViT-B-16.json + coca_model._build_vision_tower; factory/transform.py:
+    # Resize(448, bicubic) + CenterCrop(448) with the OpenAI CLIP mean/std.
     return EncoderSpec(
         name="conch",
         family="mahmoodlab",
         builder="pathrobust.encoders.conch:build_conch_vision",
-        arch_kwargs={"embed_dim": 768, "depth": 12, "num_heads": 12, "proj_dim": 512},
+        arch_kwargs={
+            "width": 768, "depth": 12, "num_heads": 12, "patch_size": 16,
+            "embed_dim_contrast": 512, "attn_pooler_heads": 8, "proj_contrast": False,
+        },
         hub_id="MahmoodLab/conch",
-        weights_format="timm",
+        weights_format="conch",
         input_size=448,
         resize_size=448,
+        interpolation="bicubic",
         mean=CLIP_MEAN,
         std=CLIP_STD,
-        # token 0 is the projected contrastive image embedding (attentional pooling + projection)
+        # The single token is encode_image(proj_contrast=False, normalize=False): attentional
+        # pooling + ln_contrast, before the text-aligned projection (the README's embedding).
         poolings={"cls": 512},
         num_prefix_tokens=1,
-        params=86_000_000,
+        params=88_000_000,
         license="CC-BY-NC-ND-4.0",
         gated=True,
-        description="CONCH vision tower (ViT-B/16 at 448 px), image embedding of the vision-language model",
+        description="CONCH vision tower (ViT-B/16 at 448 px + attentional pooler), 512-d image embedding before the contrastive projection",
     )
