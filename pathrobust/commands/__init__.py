@@ -1,0 +1,1 @@
+"""CLI command modules (registered through ``pathrobust.cli._COMMAND_MODULES``)."""
