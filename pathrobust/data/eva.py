@@ -171,7 +171,7 @@ def eva_resize_crop(tile: np.ndarray, size: int = 224) -> np.ndarray:
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    t = torch.from_numpy(np.ascontiguousarray(tile[..., :3])).permute(2, 0, 1)
+    t = torch.from_numpy(np.array(tile[..., :3], copy=True)).permute(2, 0, 1)
     if min(t.shape[1:]) != size:
         t = TF.resize(t, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     t = TF.center_crop(t, [size, size])
