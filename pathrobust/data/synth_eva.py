@@ -43,7 +43,7 @@ from pathrobust.errors import UserError
 from pathrobust.stain import rgb_to_hed
 
 MANIFEST = "synth-eva.json"
-VERSION = 1
+VERSION = 2
 TILE = 224
 ARCHITECTURES = ("native", "zoom2", "shuffle")
 H_THRESHOLD = 0.05  # haematoxylin concentration counted as nuclear
@@ -142,14 +142,22 @@ def crc_like(cfg: SynthEvaConfig) -> dict[str, list[tuple[np.ndarray, int]]]:
     for a, kind in enumerate(ARCHITECTURES):
         thresholds = None
         for split in ("train", "val"):
-            pool = _architecture(sample_tiles(per[split] * 3 * (4 if split == "train" else 6), split, rng), kind, rng)
-            density = nuclear_fraction(pool)
-            if thresholds is None:  # tertiles of the training pool define the density levels
-                thresholds = np.quantile(density, [1 / 3, 2 / 3])
-            level = np.digitize(density, thresholds)
+            chosen: list[list[np.ndarray]] = [[], [], []]
+            for _ in range(50):  # draw pools until every density level has its tiles
+                pool = _architecture(sample_tiles(max(per[split] * 12, 48), split, rng), kind, rng)
+                density = nuclear_fraction(pool)
+                if thresholds is None:  # tertiles of the first training pool define the levels
+                    thresholds = np.quantile(density, [1 / 3, 2 / 3])
+                level = np.digitize(density, thresholds)
+                for d in range(3):
+                    need = per[split] - len(chosen[d])
+                    chosen[d] += [pool[i] for i in np.flatnonzero(level == d)[:max(need, 0)]]
+                if all(len(c) >= per[split] for c in chosen):
+                    break
+            else:
+                raise RuntimeError(f"synth-eva: could not fill every {kind} density level of the {split} split")
             for d in range(3):
-                members = np.flatnonzero(level == d)[:per[split]]
-                out[split] += [(pool[i], a * 3 + d) for i in members]
+                out[split] += [(tile, a * 3 + d) for tile in chosen[d]]
     return out
 
 
