@@ -198,14 +198,17 @@ def _safe_name(name: str) -> str:
 
 
 # -- entry point ---------------------------------------------------------------------------
-_COMMAND_MODULES: list[str] = ["pathrobust.commands.report"]
 
 
 def _load_commands() -> None:
+    """Import every module of :mod:`pathrobust.commands`; each registers its commands."""
     import importlib
+    import pkgutil
 
-    for module in _COMMAND_MODULES:
-        importlib.import_module(module)
+    import pathrobust.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
 
 
 def main(argv: list[str] | None = None) -> None:

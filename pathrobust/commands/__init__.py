@@ -1,1 +1,1 @@
-""""""
+"""CLI command modules: each registers its commands on the apps of pathrobust.cli."""
