@@ -84,8 +84,9 @@ def _inside(root: Path, relative: str, csv: Path, column: str) -> Path:
     return path
 
 
-def read_split(csv: Path, root: Path) -> tuple[HestSample, ...]:
-    """One split CSV -> its samples (paths resolved and checked to stay inside ``root``)."""
+def read_split(csv: Path, root: Path, require_patches: bool = True) -> tuple[HestSample, ...]:
+    """One split CSV -> its samples (paths resolved and checked to stay inside ``root``; the
+    patches must exist unless ``require_patches`` is off, as when embeddings are given)."""
     import pandas as pd
 
     try:
@@ -104,7 +105,7 @@ def read_split(csv: Path, root: Path) -> tuple[HestSample, ...]:
             raise UserError(f"{csv}: sample_id '{sid}' is not a plain name")
         patches = _inside(root, row.patches_path, csv, "patches_path")
         expr = _inside(root, row.expr_path, csv, "expr_path")
-        if not patches.is_file():
+        if require_patches and not patches.is_file():
             raise UserError(f"{csv}: patches file {row.patches_path} of sample {sid} does not exist")
         if not expr.is_file():
             raise UserError(f"{csv}: expression file (h5ad) {row.expr_path} of sample {sid} does not exist")
@@ -112,7 +113,8 @@ def read_split(csv: Path, root: Path) -> tuple[HestSample, ...]:
     return tuple(samples)
 
 
-def load_task(task_dir: str | os.PathLike, gene_list: str = "var_50genes.json") -> HestTask:
+def load_task(task_dir: str | os.PathLike, gene_list: str = "var_50genes.json",
+              require_patches: bool = True) -> HestTask:
     """Read one task folder: its gene list and every ``train_<i>.csv``/``test_<i>.csv`` pair."""
     root = Path(task_dir)
     if not root.is_dir():
@@ -142,7 +144,8 @@ def load_task(task_dir: str | os.PathLike, gene_list: str = "var_50genes.json") 
         for kind in ("train", "test"):
             if kind not in pair:
                 raise UserError(f"{split_dir}: {kind}_{i}.csv is missing (fold {i} needs both train and test)")
-        folds.append(HestFold(i, read_split(pair["train"], root), read_split(pair["test"], root)))
+        folds.append(HestFold(i, read_split(pair["train"], root, require_patches),
+                              read_split(pair["test"], root, require_patches)))
     return HestTask(root.name, root, tuple(genes), tuple(folds))
 
 

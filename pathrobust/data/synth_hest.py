@@ -147,11 +147,12 @@ def build_synth_hest(out: str | os.PathLike, config: SynthHestConfig = SynthHest
     genes = [f"GENE{g:02d}" for g in range(config.genes)]
     loadings = _gene_loadings(rng, config.genes)
     base = config.base_log_rate + rng.normal(0.0, 0.4, size=config.genes)
-    n_per = config.spots_per_sample
+    n_per, n_samples = config.spots_per_sample, config.samples_per_task
+    per_task = n_per * n_samples
+    all_tiles, all_coords = sample_he_tiles(per_task * len(config.tasks), config.tile_size, seed=config.seed,
+                                            return_coords=True)
     for t, task in enumerate(config.tasks):
-        n_samples = config.samples_per_task
-        tiles, coords = sample_he_tiles(n_samples * n_per, config.tile_size, seed=config.seed * 1000 + t,
-                                        return_coords=True)
+        tiles, coords = all_tiles[t * per_task:(t + 1) * per_task], all_coords[t * per_task:(t + 1) * per_task]
         tiles = np.stack([np.rot90(tile, k=int(k)) for tile, k in zip(tiles, rng.integers(0, 4, len(tiles)))])
         if t == 0:  # one nucleus threshold and one feature scaling for every task
             threshold = _nucleus_threshold(tiles)
