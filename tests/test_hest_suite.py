@@ -245,3 +245,10 @@ def test_cli_runs_and_synth_command(bench, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["tasks"]) == {"T1", "T2"} and out["model"] == "hed-histogram"
     assert out["average"] == pytest.approx(np.mean([t["pearson_mean"] for t in out["tasks"].values()]))
+
+
+def test_default_tasks_are_the_leaderboard_tasks_present(bench):
+    from pathrobust.suites.hest import select_tasks
+
+    assert [t.name for t in select_tasks(bench, None, "var_50genes.json", leaderboard=["IDC", "T2"])] == ["T2"]
+    assert [t.name for t in select_tasks(bench, None, "var_50genes.json", leaderboard=["IDC"])] == ["T1", "T2"]

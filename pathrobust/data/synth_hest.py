@@ -1,21 +1,29 @@
 """A small HEST-Benchmark in the exact hest-bench layout, from real H&E of the bundled slide.
 
-Spots are real 224 px tissue tiles (≈0.5 µm/px) of the bundled CC0 slide. Each spot's
-expression is driven by morphology measured on its tile before staining variation is
-applied:
+Spots are real tissue tiles (224 px at ≈0.5 µm/px by default) of the bundled CC0 slide.
+Each spot's expression is driven by morphology measured on its tile before staining
+variation is applied:
 
-* haematoxylin density and eosin density (mean stain concentrations after colour
-  deconvolution),
-* nuclear fraction (area of strongly haematoxylin-stained pixels),
-* nuclear count (connected haematoxylin blobs of nucleus size: cellularity),
-* fine texture (mean gradient magnitude of the grey image).
+* stain composition: haematoxylin and eosin density (mean concentrations after colour
+  deconvolution) — what a colour histogram sees;
+* tissue architecture: nuclear count (haematoxylin blobs of nucleus size, i.e. cellularity),
+  fibre alignment (coherence of the grey-level structure tensor), fine texture (mean
+  gradient magnitude) and nuclear clustering (spread of nuclear area over a 4 x 4 grid).
 
-Gene ``g`` of spot ``s`` in sample ``p``: ``log rate = base_g + loadings_g · morphology_s +
-sample_effect_{p,g} + noise``, counts ~ Poisson(rate). Most genes load on the spatial
-features (count, fraction, texture) that a colour histogram cannot see; some load on stain
-density, which it can. Each sample (patient) also gets its own staining: stain
-concentrations scaled per sample, as between labs — it changes the pixels, not the biology.
-So a good encoder should reach clearly positive Pearson and a colour histogram less.
+Architecture and colour are correlated in real tissue (more nuclei, more purple), so the
+architecture features are taken *beyond colour composition*: each is replaced by its
+residual after a ridge regression on the tile's RGB histogram (3 x 32 bins, as the
+``rgb-histogram`` baseline), over all tiles. Gene ``g`` of spot ``s`` in sample ``p``::
+
+    log rate = base_g + loadings_g · features_s + sample_effect[p, g] + noise[s, g]
+    counts   ~ Poisson(exp(log rate))
+
+About a fifth of the genes follow stain composition, the rest architecture. Each sample
+(patient) also gets its own staining — H, E and D concentrations scaled by a per-sample
+factor, as between labs — which changes pixels, not biology. So a colour histogram can
+predict the composition genes only, and an encoder that sees architecture scores higher:
+on the default benchmark, with the reference protocol, efficientnet-lite0-imagenet clearly
+beats rgb-histogram (numbers in the HEST section of the docs).
 
 Protocol knobs (sizes, noise, seeds) are in ``configs/suites/hest.toml`` ``[synthetic]``.
 """
@@ -32,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
-FEATURES = ("h_density", "e_density", "nuclear_fraction", "nuclear_count", "texture")
-FORMAT_VERSION = 1
+FEATURES = ("h_density", "e_density", "nuclear_count", "alignment", "texture", "clustering")
+COLOUR_FEATURES = ("h_density", "e_density")
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,7 @@ class SynthHestConfig:
     spots_per_sample: int = 70
     genes: int = 50
     tile_size: int = 224
-    noise: float = 0.25
+    noise: float = 0.2
     sample_effect: float = 0.15
     stain_jitter: float = 0.12
     base_log_rate: float = 1.8
@@ -62,7 +71,8 @@ class SynthHestConfig:
 
 
 def morphology(tiles: np.ndarray, nucleus_threshold: float) -> np.ndarray:
-    """Morphology of tiles ``(N, S, S, 3)`` uint8 -> ``(N, len(FEATURES))`` (see module doc)."""
+    """Morphology of tiles ``(N, S, S, 3)`` uint8 -> ``(N, len(FEATURES))`` (see module doc;
+    raw values, before standardisation and the colour residualisation)."""
     import torch
     from scipy import ndimage
 
@@ -70,18 +80,45 @@ def morphology(tiles: np.ndarray, nucleus_threshold: float) -> np.ndarray:
 
     x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
     hed = rgb_to_hed(x).numpy()
-    h, e = hed[:, 0], hed[:, 1]
     grey = tiles.astype(np.float64).mean(axis=-1) / 255.0
-    gy, gx = np.gradient(grey, axis=(1, 2))
-    texture = np.sqrt(gx ** 2 + gy ** 2).mean(axis=(1, 2))
+    size = tiles.shape[1]
+    cell = size // 4
+    px_scale = (size / 224.0) ** 2  # nucleus size limits were set for 224 px tiles at 0.5 µm/px
     out = np.zeros((len(tiles), len(FEATURES)))
     for i in range(len(tiles)):
-        mask = ndimage.binary_opening(h[i] > nucleus_threshold, iterations=1)
+        h = hed[i, 0]
+        mask = ndimage.binary_opening(h > nucleus_threshold, iterations=1)
         labels, n = ndimage.label(mask)
         sizes = np.bincount(labels.ravel())[1:] if n else np.zeros(0)
-        nuclei = int(((sizes >= 12) & (sizes <= 400)).sum())  # ≈ 2-10 µm nuclei at 0.5 µm/px
-        out[i] = (h[i].mean(), e[i].mean(), mask.mean(), nuclei, texture[i])
+        nuclei = int(((sizes >= 12 * px_scale) & (sizes <= 400 * px_scale)).sum())
+        clustering = mask[:cell * 4, :cell * 4].reshape(4, cell, 4, cell).mean(axis=(1, 3)).std()
+        g = ndimage.gaussian_filter(grey[i], 1.0)
+        gy, gx = np.gradient(g)
+        jxx, jyy, jxy = (ndimage.gaussian_filter(v, 4.0) for v in (gx * gx, gy * gy, gx * gy))
+        alignment = (np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-9)).mean()
+        texture = np.sqrt(gx ** 2 + gy ** 2).mean()
+        out[i] = (h.mean(), hed[i, 1].mean(), nuclei, alignment, texture, clustering)
     return out
+
+
+def colour_histogram(tiles: np.ndarray, bins: int = 32) -> np.ndarray:
+    """Per-channel RGB histograms ``(N, 3 * bins)``, densities (the rgb-histogram baseline)."""
+    idx = np.minimum((tiles.astype(np.int64) * bins) // 255, bins - 1).reshape(len(tiles), -1, 3)
+    hist = np.zeros((len(tiles), 3 * bins))
+    for c in range(3):
+        for i in range(len(tiles)):
+            hist[i, c * bins:(c + 1) * bins] = np.bincount(idx[i, :, c], minlength=bins)
+    return hist / idx.shape[1]
+
+
+def beyond_colour(features: np.ndarray, hist: np.ndarray, alpha: float = 10.0) -> np.ndarray:
+    """Residuals ``(N, F)`` of standardised ``features`` after ridge regression on the
+    standardised colour histogram ``(N, H)`` (with intercept), rescaled to unit variance."""
+    z = (features - features.mean(0)) / features.std(0).clip(1e-12)
+    hz = (hist - hist.mean(0)) / hist.std(0).clip(1e-12)
+    coef = np.linalg.solve(hz.T @ hz + alpha * np.eye(hz.shape[1]), hz.T @ z)
+    res = z - hz @ coef
+    return res / res.std(0).clip(1e-12)
 
 
 def _nucleus_threshold(tiles: np.ndarray) -> float:
@@ -107,15 +144,15 @@ def _restain(tiles: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def _gene_loadings(rng: np.random.Generator, n_genes: int) -> np.ndarray:
-    """``(n_genes, len(FEATURES))`` loadings: ~70 % of genes follow spatial features
-    (nuclear count/fraction, texture), ~30 % stain densities; every gene has a main driver
-    plus smaller contributions of the others."""
+    """``(n_genes, len(FEATURES))``: every gene has one main driver (|w| 0.35-0.6, random
+    sign) and small contributions of the others. Main drivers cycle through ten slots:
+    two stain composition (H, E), eight architecture (count x3, alignment x3, texture,
+    clustering)."""
     W = rng.normal(0.0, 0.08, size=(n_genes, len(FEATURES)))
-    spatial = [FEATURES.index(f) for f in ("nuclear_fraction", "nuclear_count", "texture")]
-    density = [FEATURES.index(f) for f in ("h_density", "e_density")]
+    cycle = ("nuclear_count", "alignment", "h_density", "nuclear_count", "alignment", "texture",
+             "nuclear_count", "e_density", "alignment", "clustering")
     for g in range(n_genes):
-        main = spatial[g % 3] if g % 10 < 7 else density[g % 2]
-        W[g, main] = rng.choice([-1.0, 1.0]) * rng.uniform(0.35, 0.6)
+        W[g, FEATURES.index(cycle[g % len(cycle)])] = rng.choice([-1.0, 1.0]) * rng.uniform(0.35, 0.6)
     return W
 
 
@@ -151,16 +188,16 @@ def build_synth_hest(out: str | os.PathLike, config: SynthHestConfig = SynthHest
     per_task = n_per * n_samples
     all_tiles, all_coords = sample_he_tiles(per_task * len(config.tasks), config.tile_size, seed=config.seed,
                                             return_coords=True)
+    all_tiles = np.stack([np.rot90(tile, k=int(k)) for tile, k in zip(all_tiles, rng.integers(0, 4, len(all_tiles)))])
+    raw = morphology(all_tiles, _nucleus_threshold(all_tiles))
+    colour = [FEATURES.index(f) for f in COLOUR_FEATURES]
+    architecture = [i for i in range(len(FEATURES)) if i not in colour]
+    features = np.zeros_like(raw)
+    features[:, colour] = (raw[:, colour] - raw[:, colour].mean(0)) / raw[:, colour].std(0).clip(1e-12)
+    features[:, architecture] = beyond_colour(raw[:, architecture], colour_histogram(all_tiles))
     for t, task in enumerate(config.tasks):
         tiles, coords = all_tiles[t * per_task:(t + 1) * per_task], all_coords[t * per_task:(t + 1) * per_task]
-        tiles = np.stack([np.rot90(tile, k=int(k)) for tile, k in zip(tiles, rng.integers(0, 4, len(tiles)))])
-        if t == 0:  # one nucleus threshold and one feature scaling for every task
-            threshold = _nucleus_threshold(tiles)
-            morph = morphology(tiles, threshold)
-            centre, spread = morph.mean(0), morph.std(0).clip(1e-12)
-        else:
-            morph = morphology(tiles, threshold)
-        z = (morph - centre) / spread
+        z = features[t * per_task:(t + 1) * per_task]
         task_dir = tmp / task
         for sub in ("patches", "adata", "splits"):
             (task_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -240,10 +240,13 @@ def data_fingerprint(tasks: Sequence[H.HestTask]) -> str:
     return h.hexdigest()[:16]
 
 
-def select_tasks(bench_root: Path, names: Sequence[str] | None, gene_list: str,
-                 require_patches: bool = True) -> list[H.HestTask]:
+def select_tasks(bench_root: Path, names: Sequence[str] | None, gene_list: str, require_patches: bool = True,
+                 leaderboard: Sequence[str] = ()) -> list[H.HestTask]:
+    """The tasks to run: ``names``; by default the leaderboard tasks the root holds (so a
+    full hest-bench download skips HCC), or every task folder when it holds none of them
+    (a synthetic or custom benchmark)."""
     available = H.list_tasks(bench_root)
-    chosen = list(names) if names else available
+    chosen = list(names) if names else ([t for t in leaderboard if t in available] or available)
     unknown = [t for t in chosen if t not in available]
     if unknown:
         raise UserError(f"--tasks: {', '.join(unknown)} not in {bench_root} (has {', '.join(available)})")
@@ -290,7 +293,8 @@ def run_hest(*, bench_root: Path, out: Path, model: str | None = None, embedding
         raise UserError("run hest: give exactly one of --model and --embeddings")
     protocol = protocol or load_protocol()
     proto = protocol["protocol"]
-    selected = select_tasks(bench_root, tasks, proto["gene_list"], require_patches=model is not None)
+    selected = select_tasks(bench_root, tasks, proto["gene_list"], require_patches=model is not None,
+                            leaderboard=proto["tasks"])
     fingerprint = data_fingerprint(selected)
     encoder = None
     if model is not None:
