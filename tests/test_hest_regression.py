@@ -36,7 +36,8 @@ def sklearn_reference(X_train, Y_train, X_test, Y_test, pca=True):
 
 
 @pytest.mark.parametrize("n_train,d,pca", [
-    (800, 520, True),     # randomized PCA solver, 256 components
+    (1100, 520, True),    # randomized PCA solver, 256 components, batched LSQR
+    (600, 520, True),     # 256 components but < 4 spots per component: per-gene LSQR
     (120, 300, True),     # fewer train spots than 256: 120 components
     (400, 64, True),      # fewer features than 256: 64 components
     (300, 40, False),     # --no-pca: raw embeddings, no scaler
@@ -53,15 +54,29 @@ def test_fold_equals_sklearn_reference(n_train, d, pca):
     assert got.mean > 0.2  # the data carry signal: a broken fit cannot pass by being flat
 
 
-def test_ridge_threads_do_not_change_the_result():
+def test_per_gene_ridge_is_bitwise_sklearn_and_batched_agrees():
     rng = np.random.default_rng(1)
-    Z = rng.normal(size=(300, 20)) * np.linspace(0.1, 10, 20)
+    Z = rng.normal(size=(300, 20))
     Y = Z @ rng.normal(size=(20, 9)) + rng.normal(size=(300, 9))
-    one, it1 = R.ridge_predict(Z, Y, Z[:50], 0.5, threads=1)
-    many, it4 = R.ridge_predict(Z, Y, Z[:50], 0.5, threads=4)
-    assert np.array_equal(one, many) and it1 == it4 > 1
-    sk = Ridge(solver="lsqr", alpha=0.5, fit_intercept=False, max_iter=1000).fit(Z, Y).predict(Z[:50])
-    assert np.array_equal(one, sk)
+    Y[:, 3] = 0.0  # an all-zero target: coefficients 0 at once, as scipy returns
+    per_gene, it1 = R.ridge_predict(Z, Y, Z[:50], 0.5)
+    sk = Ridge(solver="lsqr", alpha=0.5, fit_intercept=False, max_iter=1000).fit(Z, Y)
+    assert np.array_equal(per_gene, sk.predict(Z[:50])) and it1 == sk.n_iter_.max() > 1
+    batched, it2 = R.ridge_predict(Z, Y, Z[:50], 0.5, batched=True)
+    np.testing.assert_allclose(batched, per_gene, atol=1e-9)
+    coef, iters = R.ridge_lsqr(Z, Y, 0.5)
+    assert list(iters) == list(sk.n_iter_) and not coef[3].any()
+
+
+def test_batched_path_is_taken_on_large_pca_folds_only(monkeypatch):
+    calls = []
+    real = R.ridge_predict
+    monkeypatch.setattr(R, "ridge_predict", lambda *a, **k: calls.append(k["batched"]) or real(*a, **k))
+    for n, d, pca in ((600, 300, True), (1100, 300, True), (1100, 60, True), (1100, 300, False)):
+        X_tr, Y_tr, X_te, Y_te = _data(n, 50, d, 50, seed=7)
+        R.fit_predict_fold(X_tr, Y_tr, X_te, Y_te, pca=pca)
+    # 600 < 4 * 256 spots; 1100 x 256 x 50 >= 4e6; 1100 x 60 x 50 < 4e6; no PCA: always per gene
+    assert calls == [False, True, False, False]
 
 
 def test_pearson_per_gene_matches_scipy_and_flags_constant_genes():
