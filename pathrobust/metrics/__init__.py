@@ -1,1 +1,1 @@
-"""Metrics: pure functions (arrays in, numbers out), no I/O."""
+"""Metrics: pure functions (arrays in, numbers out), no I/O; one module per family."""
