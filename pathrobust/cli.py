@@ -196,7 +196,7 @@ def _safe_name(name: str) -> str:
 
 
 # -- entry point ---------------------------------------------------------------------------
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["pathrobust.commands.distill"]
 
 
 def _load_commands() -> None:
