@@ -132,3 +132,19 @@ def test_block_mask_exact_counts_and_ratio_range():
     assert np.all(ratios >= np.floor(edges[:-1] * 64) / 64 - 1e-9)
     assert np.all(ratios <= edges[1:] + 1e-9)
     assert np.array_equal(sample_masks(40, (8, 8), np.random.default_rng(7)), sample_masks(40, (8, 8), np.random.default_rng(7)))
+
+
+def test_schedules():
+    from pathrobust.distill.schedules import cosine, linear_warmup, scaled_lr
+
+    assert cosine(0, 100, 1.0, 0.0, warmup_steps=10) == 0.0
+    assert cosine(5, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(0.5)
+    assert cosine(10, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine(99, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine(500, 100, 1.0, 0.1) == pytest.approx(0.1)
+    mid = cosine(50, 101, 0.04, 0.2)
+    assert mid == pytest.approx(0.12)
+    assert linear_warmup(0, 30, 0.04, 0.07) == 0.04
+    assert linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup(40, 30, 0.04, 0.07) == 0.07
+    assert scaled_lr(4e-3, 256) == pytest.approx(2e-3)

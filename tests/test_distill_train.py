@@ -257,3 +257,29 @@ def test_ddp_two_processes_match_one(teacher, tmp_path):
             moved = float((a[k] - init[k]).abs().max())
             diff = float((a[k] - b[k]).abs().max())
             assert diff <= 0.02 * moved + 1e-7, (name, k, diff, moved)
+
+
+def test_training_tiles_from_slides_folders_and_h5(teacher, tmp_path):
+    import h5py
+    from PIL import Image
+
+    from pathrobust.data.he import bundled_slide_path, sample_he_tiles
+    from pathrobust.distill.data import StepBatches, open_training_tiles
+
+    r = recipe(teacher)
+    slide = open_training_tiles(bundled_slide_path(), r)  # OpenSlide, tissue grid at 0.5 um/px
+    assert len(slide) > 100 and slide.read(0).shape == (48, 48, 3)
+    tiles = sample_he_tiles(6, 48, seed=2)
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i, t in enumerate(tiles):
+        Image.fromarray(t).save(folder / f"t_{i}_0.png")
+    with h5py.File(tmp_path / "tiles.h5", "w") as f:
+        f["img"] = tiles
+    from_folder, from_h5 = open_training_tiles(folder, r), open_training_tiles(tmp_path / "tiles.h5", r)
+    assert len(from_folder) == len(from_h5) == 6
+    assert np.array_equal(from_folder.read(3), from_h5.read(3))
+    b = StepBatches(slide, r, (4, 4))[0]
+    assert b.globals_.shape == (2, 8, 3, 32, 32)
+    with pytest.raises(UserError, match="does not exist"):
+        open_training_tiles(tmp_path / "nope", r)

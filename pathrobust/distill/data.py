@@ -58,10 +58,17 @@ def open_training_tiles(data: Path | None, recipe: Recipe) -> TileSource:
         tiles = sample_he_tiles(recipe.data.synthetic_tiles, size=size, seed=recipe.seed)
         return ArrayTiles(tiles, name="bundled-he")
     from pathrobust.cli import tile_sources
+    from pathrobust.data.slides import SLIDE_SUFFIXES, SlideTiles, find_slides
 
-    d = recipe.data
-    sources = tile_sources(Path(data), slides=False, target_mpp=d.target_mpp, tile_size=d.tile_size)
-    return ConcatTiles(sources)
+    d, data = recipe.data, Path(data)
+    if not data.exists():
+        raise UserError(f"--data {data}: does not exist")
+    is_slide = data.is_file() and data.suffix.lower() in SLIDE_SUFFIXES
+    has_slides = data.is_dir() and any(p.suffix.lower() in SLIDE_SUFFIXES for p in data.rglob("*"))
+    if is_slide or has_slides:
+        slides = find_slides(data)
+        return ConcatTiles([SlideTiles(p, d.tile_size, d.target_mpp, min_tissue=d.min_tissue) for p in slides])
+    return ConcatTiles(tile_sources(data))
 
 
 def sample_generator(seed: int, position: int) -> torch.Generator:
