@@ -32,42 +32,59 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after 1 untimed)")
     ap.add_argument("--batch", type=int, default=None, help="override optim.batch_size")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; with 1 thread, CPU time is a contention-proof measure of the work")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: process CPU time (robust on a shared machine, CPU device only); wall: elapsed time")
+    ap.add_argument("--teacher-weights", default=None, help="'random' to time a teacher whose weights are not here")
+    ap.add_argument("--teacher-depth", type=int, default=None, help="reduce a ViT teacher's depth (GPU memory)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     r = load_recipe(args.recipe)
     if args.batch:
         r.optim.batch_size = args.batch
     r.heads.warmup_steps = 0  # time student steps only
+    if args.teacher_weights:
+        r.teacher.weights = args.teacher_weights
+    if args.teacher_depth:
+        from pathrobust.registry import resolve_spec
+
+        spec = resolve_spec(r.teacher.model)
+        r.teacher.model = spec.replace(name=f"{spec.name}-depth{args.teacher_depth}",
+                                       arch_kwargs={**spec.arch_kwargs, "depth": args.teacher_depth})
     r.data.synthetic_tiles = min(r.data.synthetic_tiles, 4 * r.optim.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         d = Distiller(r, Path(tmp), device=args.device, progress=False)
-        t0 = time.perf_counter()
+        d.clock = clock
+        t0 = clock()
         batches = [d.batches[s] for s in range(args.steps + 1)]
-        data_s = (time.perf_counter() - t0) / len(batches)
+        data_s = (clock() - t0) / len(batches)
         g, b = batches[0].globals_.shape[:2]
-        t0 = time.perf_counter()
+        t0 = clock()
         for s in range(len(batches)):
             sample_masks(r.crops.n_global * r.optim.batch_size, d.grid, np.random.default_rng([r.seed, 2, s]),
                          r.masking.sample_probability, r.masking.min_ratio, r.masking.max_ratio)
-        mask_s = (time.perf_counter() - t0) / len(batches)
+        mask_s = (clock() - t0) / len(batches)
         rows = []
         for i, batch in enumerate(batches):
-            t0 = time.perf_counter()
+            t0 = clock()
             d.train_step(batch)
-            total = time.perf_counter() - t0
+            total = clock() - t0
             # the student backbone alone (forward + backward), same inputs
             x_g = batch.globals_.flatten(0, 1).to(d.device)
             x_l = batch.locals_.flatten(0, 1).to(d.device)
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
-            t1 = time.perf_counter()
+            t1 = clock()
             with d._autocast():
                 out = d.student.tokens(x_g).float().sum() + (d.student.tokens(x_l).float().sum() if x_l.numel() else 0)
             out.backward()
             d.student.zero_grad(set_to_none=True)
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
-            backbone = time.perf_counter() - t1
+            backbone = clock() - t1
             if i == 0:
                 continue  # warm-up
             t = d.times
@@ -79,7 +96,7 @@ def main() -> None:
     print(f"recipe {r.name}: batch {r.optim.batch_size} x ({r.crops.n_global} x {r.crops.global_size}px + "
           f"{r.crops.n_local} x {r.crops.local_size}px), teacher {d.teacher.name}, student {r.student.arch} "
           f"{r.student.arch_kwargs}, device {d.device}, {torch.get_num_threads()} threads")
-    print(f"step (median of {len(rows)}): {total * 1000:.0f} ms")
+    print(f"step (median of {len(rows)}, {args.clock} time): {total * 1000:.0f} ms")
     for key, label in (("teacher", "teacher forward"), ("backbone", "student forward/backward"),
                        ("losses_heads_masking", "losses + heads + masking"), ("optimizer", "optimizer + EMA")):
         print(f"  {label:<26} {med[key] * 1000:8.1f} ms  {100 * med[key] / total:5.1f} %")
@@ -87,6 +104,8 @@ def main() -> None:
     print(f"  {'other (sync, copies)':<26} {other * 1000:8.1f} ms  {100 * other / total:5.1f} %")
     share = med["losses_heads_masking"] / total
     print(f"losses + heads + masking share: {share:.3f} (target <= 0.15: {'met' if share <= 0.15 else 'NOT met'})")
+    if d.device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB")
     print(f"data (crops for one step, in workers): {data_s * 1000:.0f} ms; iBOT masks: {mask_s * 1000:.1f} ms")
 
 

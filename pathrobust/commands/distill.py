@@ -25,6 +25,7 @@ def distill_command(
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=1, help="Stop (with a checkpoint) after this many steps of this invocation; --resume continues.")] = None,
     device: opt.Device = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="DataLoader workers preparing crops (overrides data.workers).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads per process (default: torch's; torchrun sets 1).")] = None,
     no_progress: opt.NoProgress = False,
 ) -> None:
     """Distil a frozen teacher into a ViT student with DINO + iBOT + KoLeo (H0-mini recipe).
@@ -46,6 +47,10 @@ def distill_command(
     from pathrobust.distill.trainer import distill
 
     r = load_recipe(recipe)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if teacher is not None:
         r.teacher.model = teacher
     if teacher_weights is not None:

@@ -72,7 +72,7 @@ class MultiCropAugment:
         self.aug = augment
 
     def __call__(self, tile: np.ndarray, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        img = torch.as_tensor(np.ascontiguousarray(tile[..., :3])).permute(2, 0, 1)  # uint8 (3, H, W)
+        img = torch.from_numpy(np.array(tile[..., :3], dtype=np.uint8, copy=True)).permute(2, 0, 1)  # uint8 (3, H, W)
         c, a = self.crops, self.aug
         globals_ = [self.crop(img, g, c.global_size, c.global_scale, a.blur_p[i]) for i in range(c.n_global)]
         locals_ = [self.crop(img, g, c.local_size, c.local_scale, a.blur_p_local) for _ in range(c.n_local)]
