@@ -167,11 +167,11 @@ def test_align_grid_interpolates_teacher_tokens():
 def test_resume_continues_exactly(teacher, tmp_path):
     from pathrobust.distill.trainer import distill
 
-    r = recipe(teacher, steps=4, warmup=2)
+    r = recipe(teacher, steps=3, warmup=1)
     full = distill(r, tmp_path / "full", progress=False)
-    assert full["finished"] and full["steps_done"] == 6
-    part = distill(r, tmp_path / "part", progress=False, stop_after=3)  # stops inside the student phase
-    assert not part["finished"] and part["steps_done"] == 3
+    assert full["finished"] and full["steps_done"] == 4
+    part = distill(r, tmp_path / "part", progress=False, stop_after=2)  # stops inside the student phase
+    assert not part["finished"] and part["steps_done"] == 2
     assert not (tmp_path / "part" / "model.safetensors").exists()
     with pytest.raises(UserError, match="--resume"):
         distill(r, tmp_path / "part", progress=False)
@@ -183,7 +183,7 @@ def test_resume_continues_exactly(teacher, tmp_path):
     cb = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(ca["student"][k], cb["student"][k]) for k in ca["student"])
     assert [h["loss"] for h in ca["history"]] == [h["loss"] for h in cb["history"]]
-    assert cb["data_position"] == 6 * 8
+    assert cb["data_position"] == 4 * 8 and cb["step"] == 4
 
 
 @pytest.mark.parametrize("mode,centering", [("prototypes", "ema"), ("regression", "sinkhorn")])
@@ -253,10 +253,13 @@ def test_ddp_two_processes_match_one(teacher, tmp_path):
                        ("student", {k[9:]: v for k, v in ca["student"].items() if k.startswith("backbone.")},
                         {k[9:]: v for k, v in cb["student"].items() if k.startswith("backbone.")})):
         assert a.keys() == init.keys()
+        worst = 0.0
         for k in a:
             moved = float((a[k] - init[k]).abs().max())
             diff = float((a[k] - b[k]).abs().max())
             assert diff <= 0.02 * moved + 1e-7, (name, k, diff, moved)
+            worst = max(worst, diff / max(moved, 1e-12))
+        print(f"ddp vs 1 process, {name}: worst |diff| / |moved| = {worst:.2e}; losses {la.tolist()} vs {lb.tolist()}")
 
 
 def test_training_tiles_from_slides_folders_and_h5(teacher, tmp_path):

@@ -7,3 +7,7 @@ EMA momentum), ``recipe`` (TOML -> validated dataclasses), ``data`` (tile folder
 whole slides; deterministic per-step batches and per-rank shards), ``dist``
 (torch.distributed helpers), ``trainer`` and ``export``.
 """
+
+from pathrobust.distill.recipe import Recipe, load_recipe
+
+__all__ = ["Recipe", "load_recipe"]
