@@ -46,7 +46,7 @@ class HeadsConfig:
     warmup_steps: int = 100  # mode=warmup: head-only steps on the frozen teacher
     warmup_lr: float = 1e-3
     prototype_batches: int = 8  # mode=prototypes: batches of teacher features for k-means
-    prototype_scale: float = 10.0  # cosine logits x scale, so temperatures keep their meaning
+    prototype_scale: float = 1.0  # logits = scale x cosine; 1 matches the DINO head's cosine logits
     freeze_last_layer_steps: int = 0
 
 

@@ -523,6 +523,9 @@ class Distiller:
                 else:
                     last = self.train_step(batch)
                 last["step"] = batch.step
+                if not np.isfinite(last["loss"]):
+                    raise UserError(f"{r.source}: the loss became {last['loss']} at step {batch.step}; "
+                                    "lower optim.base_lr or raise the temperatures")
                 self.history.append(dict(last))
                 self.step = batch.step + 1
                 advance(1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathrobust.distill.dist import all_reduce_sum
+from pathrobust.distill.dist import all_reduce_max, all_reduce_sum
 
 
 @torch.no_grad()
@@ -32,7 +32,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         ``(B, K)`` float32: every row sums to 1; over the whole (all-rank) batch each
         prototype's column sum tends to ``n_samples / K`` (balanced assignment).
     """
-    q = torch.exp(teacher_logits.float() / teacher_temp).t()  # (K, B)
+    scaled = teacher_logits.float() / teacher_temp
+    # subtracting the global maximum cancels in the first normalisation and keeps exp finite
+    top = scaled.max() if scaled.numel() else scaled.new_tensor(float("-inf"))
+    q = torch.exp(scaled - all_reduce_max(top.reshape(1).clone())).t()  # (K, B)
     k = q.shape[0]
     if n_samples is None:
         n_samples = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
