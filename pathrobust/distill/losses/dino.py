@@ -42,7 +42,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     n = torch.as_tensor(n_samples, dtype=q.dtype, device=q.device)
     q /= all_reduce_sum(q.sum())
     for _ in range(n_iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype gets mass 1/K
+        # each prototype gets mass 1/K (a prototype no sample reaches stays at 0, not 0/0)
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(torch.finfo(q.dtype).tiny)
         q /= k
         q /= q.sum(dim=0, keepdim=True)  # each sample gets mass 1/B
         q /= n
