@@ -58,6 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Distiller(r, Path(tmp), device=args.device, progress=False)
         d.clock = clock
+        if r.heads.mode == "prototypes":
+            d._fit_prototypes()  # so the timed targets are the real ones
         t0 = clock()
         batches = [d.batches[s] for s in range(args.steps + 1)]
         data_s = (clock() - t0) / len(batches)
