@@ -1,0 +1,296 @@
+"""Distillation recipes: a TOML file -> a validated, typed :class:`Recipe`.
+
+Each TOML table maps to one dataclass below; unknown keys and bad values raise a
+:class:`UserError` naming ``<file>: <table>.<key>``. The recipe says *what* is trained
+(teacher, student, heads, losses, crops, optimiser); the trainer says *how*."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from pathrobust.errors import UserError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "distill"
+HEAD_MODES = ("warmup", "prototypes", "regression")
+CENTERINGS = ("sinkhorn", "ema")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "efficientnet-lite0-imagenet"
+    weights: str | None = None  # a file/dir, "random", or None for the registry's search
+    input_size: int = 0  # 0: the teacher sees the global crops at their own size
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "vit_small_patch14_reg4_dinov2"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    name: str = "student"
+
+
+@dataclass
+class HeadsConfig:
+    mode: str = "warmup"  # warmup | prototypes | regression
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    dino_prototypes: int = 65536
+    ibot_prototypes: int = 65536
+    warmup_steps: int = 100  # mode=warmup: head-only steps on the frozen teacher
+    warmup_lr: float = 1e-3
+    prototype_batches: int = 8  # mode=prototypes: batches of teacher features for k-means
+    prototype_scale: float = 1.0  # logits = scale x cosine; 1 matches the DINO head's cosine logits
+    freeze_last_layer_steps: int = 0
+
+
+@dataclass
+class LossConfig:
+    centering: str = "sinkhorn"  # sinkhorn | ema
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04
+    teacher_temp_warmup_steps: int = 0
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    regression_weight: float = 1.0
+
+
+@dataclass
+class MaskingConfig:
+    sample_probability: float = 0.5
+    min_ratio: float = 0.1
+    max_ratio: float = 0.5
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    local_size: int = 98
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+
+
+@dataclass
+class AugmentConfig:
+    flip_p: float = 0.5
+    rot90: bool = True
+    color_jitter_p: float = 0.8
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.02
+    hed_p: float = 0.5
+    hed_sigma: float = 0.05  # stain concentrations scaled by U(1-s, 1+s)
+    hed_bias: float = 0.01  # and shifted by U(-b, b)
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])  # per global crop
+    blur_p_local: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # at 224 px; scaled with crop size
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 256  # global batch (all ranks)
+    steps: int = 1000
+    base_lr: float = 4e-3  # lr = base_lr * sqrt(batch / 1024)
+    min_lr: float = 1e-6
+    lr_warmup_steps: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 3.0
+    ema_momentum: float = 0.994
+    ema_momentum_end: float = 1.0
+    checkpoint_every: int = 500
+
+
+@dataclass
+class DataConfig:
+    tile_size: int = 224  # slides: tile side in px at target_mpp
+    target_mpp: float = 0.5
+    min_tissue: float = 0.5
+    synthetic_tiles: int = 512  # no --data: tiles from the bundled H&E slide
+    workers: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str = "distill"
+    description: str = ""
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    source: str = "<dict>"
+
+    @property
+    def total_steps(self) -> int:
+        """Head warm-up steps (mode=warmup) plus student steps."""
+        return (self.heads.warmup_steps if self.heads.mode == "warmup" else 0) + self.optim.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+# -- loading and validation ----------------------------------------------------------------
+def _build(cls: type, data: dict[str, Any], where: str, source: str):
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints or key == "source":
+            raise UserError(f"{source}: unknown key '{where}{key}' (known: {', '.join(k for k in hints if k != 'source')})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: '{where}{key}' must be a table")
+            kwargs[key] = _build(hint, value, f"{where}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    text = str(hint)
+    if value is None or (value == "" and "None" in text):
+        if "None" in text:
+            return None
+        raise UserError(f"{source}: '{key}' must be set")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str or text.startswith("str"):
+        if not isinstance(value, str):
+            raise UserError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    if text.startswith("list[float]"):
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{source}: '{key}' must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if text.startswith("dict"):
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: '{key}' must be a table, got {value!r}")
+        return dict(value)
+    return value
+
+
+def validate(r: Recipe) -> Recipe:
+    src = r.source
+
+    def bad(key: str, what: str) -> UserError:
+        return UserError(f"{src}: '{key}' {what}")
+
+    if not r.name or any(c.isspace() for c in r.name):
+        raise bad("name", "must be a non-empty word")
+    if r.heads.mode not in HEAD_MODES:
+        raise bad("heads.mode", f"must be one of {', '.join(HEAD_MODES)}, got '{r.heads.mode}'")
+    if r.loss.centering not in CENTERINGS:
+        raise bad("loss.centering", f"must be one of {', '.join(CENTERINGS)}, got '{r.loss.centering}'")
+    if r.teacher.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise bad("teacher.precision", "must be auto, fp32, bf16 or fp16")
+    positive = {
+        "heads.hidden_dim": r.heads.hidden_dim, "heads.bottleneck_dim": r.heads.bottleneck_dim,
+        "heads.dino_prototypes": r.heads.dino_prototypes, "heads.ibot_prototypes": r.heads.ibot_prototypes,
+        "heads.prototype_batches": r.heads.prototype_batches, "loss.sinkhorn_iterations": r.loss.sinkhorn_iterations,
+        "loss.student_temp": r.loss.student_temp, "loss.teacher_temp": r.loss.teacher_temp,
+        "loss.teacher_temp_warmup": r.loss.teacher_temp_warmup, "crops.global_size": r.crops.global_size,
+        "crops.local_size": r.crops.local_size, "optim.batch_size": r.optim.batch_size, "optim.steps": r.optim.steps,
+        "optim.base_lr": r.optim.base_lr, "optim.checkpoint_every": r.optim.checkpoint_every,
+        "data.tile_size": r.data.tile_size, "data.target_mpp": r.data.target_mpp,
+        "data.synthetic_tiles": r.data.synthetic_tiles,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise bad(key, f"must be > 0, got {value}")
+    non_negative = {
+        "heads.warmup_steps": r.heads.warmup_steps, "heads.freeze_last_layer_steps": r.heads.freeze_last_layer_steps,
+        "loss.teacher_temp_warmup_steps": r.loss.teacher_temp_warmup_steps, "loss.dino_weight": r.loss.dino_weight,
+        "loss.ibot_weight": r.loss.ibot_weight, "loss.koleo_weight": r.loss.koleo_weight,
+        "loss.regression_weight": r.loss.regression_weight, "crops.n_local": r.crops.n_local,
+        "optim.lr_warmup_steps": r.optim.lr_warmup_steps, "optim.min_lr": r.optim.min_lr,
+        "optim.weight_decay": r.optim.weight_decay, "optim.weight_decay_end": r.optim.weight_decay_end,
+        "optim.clip_grad": r.optim.clip_grad, "teacher.input_size": r.teacher.input_size,
+        "data.workers": r.data.workers, "augment.hed_sigma": r.augment.hed_sigma, "augment.hed_bias": r.augment.hed_bias,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise bad(key, f"must be >= 0, got {value}")
+    probabilities = {
+        "masking.sample_probability": r.masking.sample_probability, "masking.min_ratio": r.masking.min_ratio,
+        "masking.max_ratio": r.masking.max_ratio, "loss.center_momentum": r.loss.center_momentum,
+        "optim.ema_momentum": r.optim.ema_momentum, "optim.ema_momentum_end": r.optim.ema_momentum_end,
+        "augment.flip_p": r.augment.flip_p, "augment.color_jitter_p": r.augment.color_jitter_p,
+        "augment.hed_p": r.augment.hed_p, "augment.blur_p_local": r.augment.blur_p_local,
+        "data.min_tissue": r.data.min_tissue,
+    }
+    for key, value in probabilities.items():
+        if not 0 <= value <= 1:
+            raise bad(key, f"must be in [0, 1], got {value}")
+    if r.masking.min_ratio > r.masking.max_ratio:
+        raise bad("masking.min_ratio", "must be <= masking.max_ratio")
+    if r.crops.n_global < 2:
+        raise bad("crops.n_global", f"must be >= 2 (DINO pairs each global crop with another), got {r.crops.n_global}")
+    for key, pair in (("crops.global_scale", r.crops.global_scale), ("crops.local_scale", r.crops.local_scale),
+                      ("augment.blur_sigma", r.augment.blur_sigma), ("optim.betas", r.optim.betas)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key.startswith("crops") and pair[1] > 1):
+            raise bad(key, f"must be [low, high] with 0 < low <= high{' <= 1' if key.startswith('crops') else ''}, got {pair}")
+    if len(r.augment.blur_p) != r.crops.n_global or not all(0 <= p <= 1 for p in r.augment.blur_p):
+        raise bad("augment.blur_p", f"needs one probability in [0, 1] per global crop ({r.crops.n_global})")
+    if len(r.student.mean) != 3 or len(r.student.std) != 3 or min(r.student.std) <= 0:
+        raise bad("student.mean", "student.mean and student.std need 3 channels, std > 0")
+    return r
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    recipe = _build(Recipe, data, "", source)
+    recipe.source = source
+    return validate(recipe)
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A path, or the name of a bundled recipe (``demo``, ``h0-mini``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPE_DIR / f"{path.stem if path.suffix == '.toml' else path.name}.toml"
+    if bundled.is_file() and len(path.parts) == 1:
+        return bundled
+    known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.toml")))
+    raise UserError(f"--recipe {name_or_path}: no such file (bundled recipes: {known})")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    path = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    return recipe_from_dict(data, str(path))
