@@ -1,0 +1,1 @@
+"""Metrics: pure functions (arrays in, numbers out), no I/O."""
