@@ -185,10 +185,10 @@ def test_resume_skips_finished_pairs(tmp_path, monkeypatch):
         lines = open(f"{run_dir}/pairs.jsonl").read().splitlines()
         open(f"{run_dir}/pairs.jsonl", "w").write("\n".join(lines[:6]) + "\n" + lines[6][:20])
         calls = []
-        real = pm.pair_metrics
-        monkeypatch.setattr(pm, "pair_metrics", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = pm.pair_metrics_batch
+        monkeypatch.setattr(pm, "pair_metrics_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
         second = suite.run_plism(**kw)
-    assert len(calls) == 15 - 6
+    assert sum(calls) == 15 - 6
     resumed = pd.read_csv(f"{run_dir}/metrics.csv")
     pd.testing.assert_frame_equal(full, resumed)
     assert second["leaderboard_bootstrap"] == first["leaderboard_bootstrap"]

@@ -26,7 +26,9 @@ B·Bᵀ do not depend on the partner, so :func:`slide_topk` keeps, once per slid
 row's ``kmax`` largest within-slide similarities (enough to count within-slide competitors
 of any partner similarity, exactly; a row whose ``kmax``-th value ties the partner is
 recounted from its full row). Per pair only the cross block A·Bᵀ is computed, in row chunks
-(:func:`pair_metrics`): one n×n×d GEMM, the floor, and O(chunk·n) memory.
+(:func:`pair_metrics`): one n×n×d GEMM, the floor, and O(chunk·n) memory. Small slides are
+evaluated several partners at a time (:func:`pair_metrics_batch`) so that per-call overhead
+does not dominate.
 """
 
 from __future__ import annotations
@@ -105,81 +107,88 @@ class PairMetrics:
         return out
 
 
-def _competitors_within(xn: torch.Tensor, top: torch.Tensor, partner: torch.Tensor, tol: float,
+def _competitors_within(x: torch.Tensor, top: torch.Tensor, partner: torch.Tensor, tol: float,
                         chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Within-slide competitors of each row's partner similarity: (#strictly above, #tied).
 
-    Uses the stored top-``kmax`` values; rows whose last stored value ties the partner (the
-    tie group may continue past what is stored) are recounted from their full row."""
-    p = partner[:, None]
-    greater = (top > p + tol).sum(1).float()
-    tied = ((top - p).abs() <= tol).sum(1).float()
-    n, kmax = top.shape
+    ``x`` unit rows ``(s, n, d)`` of ``s`` slides (``s`` = 1 broadcasts over the pairs),
+    ``top`` their :func:`slide_topk` ``(s, n, kmax)``, ``partner`` ``(m, n)``. Uses the stored
+    top-``kmax`` values; a row whose last stored value ties the partner (the tie group may
+    continue past what is stored) is recounted from its full row."""
+    p = partner[..., None]
+    greater = (top > p + tol).sum(-1).float()  # (m, n)
+    tied = ((top - p).abs() <= tol).sum(-1).float()
+    n, kmax = top.shape[-2:]
     if kmax < n - 1:
-        unsure = ((top[:, -1] - partner).abs() <= tol).nonzero().flatten()
+        unsure = ((top[..., -1] - partner).abs() <= tol).nonzero()  # (u, 2): pair, row
         for c0 in range(0, len(unsure), chunk):
-            rows = unsure[c0:c0 + chunk]
-            sims = (xn[rows] @ xn.T).float()
-            sims[torch.arange(len(rows), device=xn.device), rows] = float("nan")  # self: never counted
-            d = sims - partner[rows, None]
-            greater[rows] = (d > tol).sum(1).float()
-            tied[rows] = (d.abs() <= tol).sum(1).float()
+            pair, rows = unsure[c0:c0 + chunk].unbind(1)
+            slide = pair if x.shape[0] > 1 else torch.zeros_like(pair)
+            sims = torch.einsum("ud,und->un", x[slide, rows], x[slide]).float()
+            sims[torch.arange(len(rows), device=x.device), rows] = float("nan")  # self: never counted
+            d = sims - partner[pair, rows, None]
+            greater[pair, rows] = (d > tol).sum(1).float()
+            tied[pair, rows] = (d.abs() <= tol).sum(1).float()
     return greater, tied
+
+
+def pair_metrics_batch(an: torch.Tensor, bns: torch.Tensor, top_a: torch.Tensor, tops_b: torch.Tensor,
+                       topk: Sequence[int] = DEFAULT_TOPK, chunk: int = DEFAULT_CHUNK,
+                       tie_tol: float | None = None) -> list[PairMetrics]:
+    """Cosine similarity and top-k accuracies of the pairs (A, B_j), j < m (see the module doc).
+
+    Args:
+        an: unit rows ``(n, d)`` of slide A (:func:`normalize_rows`).
+        bns: unit rows ``(m, n, d)`` of m partner slides, same device/dtype; row i of every
+            slide at the same tile location.
+        top_a, tops_b: :func:`slide_topk` of A ``(n, kmax)`` and of each B ``(m, n, kmax)``,
+            ``kmax >= max(topk)``.
+        topk: the k values.
+        chunk: rows of A per cross-block step (memory O(m · chunk · n)).
+        tie_tol: similarity tolerance for ties (default: :data:`TIE_TOL` of the dtype).
+    """
+    m, n = bns.shape[:2]
+    if an.shape[0] != n:
+        raise ValueError(f"number of tiles must match: {an.shape[0]} and {n}")
+    if top_a.shape[-1] < max(topk) or tops_b.shape[-1] < max(topk):
+        raise ValueError(f"slide_topk kept {min(top_a.shape[-1], tops_b.shape[-1])} values; need max(topk)={max(topk)}")
+    tol = TIE_TOL[an.dtype] if tie_tol is None else tie_tol
+    dev = an.device
+    partner = (an[None] * bns).float().sum(-1)  # (m, n): cos(A_i, B_j,i)
+    greater_a = torch.zeros(m, n, device=dev)  # A_i queries: competitors in B (cross block rows)
+    tied_a = torch.zeros(m, n, device=dev)
+    greater_b = torch.zeros(m, n, device=dev)  # B_i queries: competitors in A (cross block columns)
+    tied_b = torch.zeros(m, n, device=dev)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        cross = torch.matmul(an[r0:r1], bns.transpose(1, 2)).float()  # (m, c, n)
+        rows = torch.arange(r1 - r0, device=dev)
+        cross[:, rows, rows + r0] = float("nan")  # the partner itself is not a competitor
+        d_row = cross - partner[:, r0:r1, None]
+        greater_a[:, r0:r1] += (d_row > tol).sum(2)
+        tied_a[:, r0:r1] += (d_row.abs_() <= tol).sum(2)
+        d_col = cross.sub_(partner[:, None, :])
+        greater_b += (d_col > tol).sum(1)
+        tied_b += (d_col.abs_() <= tol).sum(1)
+    ga, ta = _competitors_within(an[None], top_a[None], partner, tol, chunk)
+    gb, tb = _competitors_within(bns, tops_b, partner, tol, chunk)
+    greater_a, tied_a, greater_b, tied_b = ((t + u).double().cpu() for t, u in
+                                            ((greater_a, ga), (tied_a, ta), (greater_b, gb), (tied_b, tb)))
+    tile_cos = partner.double().cpu().numpy()
+    hits = {}
+    for k in topk:
+        hit_a = ((k - greater_a) / (tied_a + 1)).clamp_(0, 1)
+        hit_b = ((k - greater_b) / (tied_b + 1)).clamp_(0, 1)
+        hits[k] = ((hit_a + hit_b) / 2).numpy()  # (m, n)
+    return [PairMetrics(float(tile_cos[j].mean()), {k: float(hits[k][j].mean()) for k in topk}, tile_cos[j],
+                        {k: hits[k][j] for k in topk}) for j in range(m)]
 
 
 def pair_metrics(an: torch.Tensor, bn: torch.Tensor, top_a: torch.Tensor, top_b: torch.Tensor,
                  topk: Sequence[int] = DEFAULT_TOPK, chunk: int = DEFAULT_CHUNK,
                  tie_tol: float | None = None) -> PairMetrics:
-    """Cosine similarity and top-k accuracies of one pair (see the module doc).
-
-    Args:
-        an, bn: unit rows ``(n, d)`` of slides A and B (:func:`normalize_rows`), same device/dtype,
-            row i of both at the same tile location.
-        top_a, top_b: :func:`slide_topk` of ``an`` / ``bn`` with ``kmax >= max(topk)``.
-        topk: the k values.
-        chunk: rows of the cross block computed at once (memory O(chunk · n)).
-        tie_tol: similarity tolerance for ties (default: :data:`TIE_TOL` of the dtype).
-    """
-    n = an.shape[0]
-    if bn.shape[0] != n:
-        raise ValueError(f"number of tiles must match: {n} and {bn.shape[0]}")
-    if top_a.shape[1] < max(topk) or top_b.shape[1] < max(topk):
-        raise ValueError(f"slide_topk kept {min(top_a.shape[1], top_b.shape[1])} values; need max(topk)={max(topk)}")
-    tol = TIE_TOL[an.dtype] if tie_tol is None else tie_tol
-    dev = an.device
-    partner = (an * bn).float().sum(1)  # (n,) cos(A_i, B_i)
-    greater_a = torch.zeros(n, device=dev)  # A_i queries: competitors in B (cross block rows)
-    tied_a = torch.zeros(n, device=dev)
-    greater_b = torch.zeros(n, device=dev)  # B_j queries: competitors in A (cross block columns)
-    tied_b = torch.zeros(n, device=dev)
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        cross = (an[r0:r1] @ bn.T).float()  # (m, n)
-        rows = torch.arange(r1 - r0, device=dev)
-        cross[rows, rows + r0] = float("nan")  # the partner itself is not a competitor
-        d_row = cross - partner[r0:r1, None]
-        greater_a[r0:r1] += (d_row > tol).sum(1)
-        tied_a[r0:r1] += (d_row.abs() <= tol).sum(1)
-        d_col = cross.sub_(partner[None, :])
-        greater_b += (d_col > tol).sum(0)
-        tied_b += (d_col.abs_() <= tol).sum(0)
-    ga, ta = _competitors_within(an, top_a, partner, tol, chunk)
-    gb, tb = _competitors_within(bn, top_b, partner, tol, chunk)
-    greater_a += ga
-    tied_a += ta
-    greater_b += gb
-    tied_b += tb
-    tile_hits: dict[int, np.ndarray] = {}
-    accuracy: dict[int, float] = {}
-    greater_a, tied_a, greater_b, tied_b = (t.double().cpu() for t in (greater_a, tied_a, greater_b, tied_b))
-    for k in topk:
-        hit_a = ((k - greater_a) / (tied_a + 1)).clamp_(0, 1)
-        hit_b = ((k - greater_b) / (tied_b + 1)).clamp_(0, 1)
-        per_tile = ((hit_a + hit_b) / 2).numpy()
-        tile_hits[k] = per_tile
-        accuracy[k] = float(per_tile.mean())
-    tile_cos = partner.double().cpu().numpy()
-    return PairMetrics(float(tile_cos.mean()), accuracy, tile_cos, tile_hits)
+    """One pair: :func:`pair_metrics_batch` with ``bn`` ``(n, d)`` and ``top_b`` ``(n, kmax)``."""
+    return pair_metrics_batch(an, bn[None], top_a, top_b[None], topk, chunk, tie_tol)[0]
 
 
 def pair_metrics_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,

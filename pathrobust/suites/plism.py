@@ -41,6 +41,7 @@ CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "plis
 SUITE = "plism"
 PAIRS_FILE = "pairs.jsonl"
 BOOT_FILE = "pairs_bootstrap.npy"
+BATCH_ELEMENTS = 2**24  # cross-block elements per call when several small pairs are batched
 GROUP_KEYS = {"all": "all", "inter-scanner": "inter_scanner", "inter-staining": "inter_staining",
               "inter-scanner, inter-staining": "inter_both"}
 
@@ -238,23 +239,32 @@ def evaluate_features(features: pdata.FeatureSet, out_dir: str | os.PathLike, op
 
     with open(pairs_path, "a") as fh, tile_progress("plism pairs", total=len(pairs), completed=len(done),
                                                     unit="pairs", enabled=progress) as advance:
-        for i, a, b in todo:
-            xa, xb = cache.get(a), cache.get(b)
-            res = pm.pair_metrics(xa, xb, slide_top(a), slide_top(b), options.topk, options.chunk_rows)
-            if boot is not None:
-                boot[i, 0] = pm.bootstrap_means(weights, res.tile_cosine)
-                boot[i, 1] = pm.bootstrap_means(weights, res.tile_hits[10]) if 10 in options.topk else np.nan
-            st_a, sc_a = _slide_meta(a)
-            st_b, sc_b = _slide_meta(b)
-            row = {"slide_a": a, "slide_b": b, "staining_a": st_a, "scanner_a": sc_a, "staining_b": st_b,
-                   "scanner_b": sc_b, "group": pm.pair_group(st_a, sc_a, st_b, sc_b), "n_tiles": n, **res.as_dict()}
-            fh.write(json.dumps(row) + "\n")  # after the bootstrap row: a listed pair is complete
-            fh.flush()
-            if time.monotonic() - last_sync > 5:
-                sync(fh)
-                last_sync = time.monotonic()
-            done[(a, b)] = row
-            advance(1)
+        # small slides: several partners per call (bounded: m·n·max(n, d) <= BATCH_ELEMENTS)
+        per_call = max(1, BATCH_ELEMENTS // (n * max(n, dim)))
+        for a, group in itertools.groupby(todo, key=lambda t: t[1]):
+            group = list(group)
+            for g0 in range(0, len(group), per_call):
+                batch = group[g0:g0 + per_call]
+                xb = torch.stack([cache.get(b) for _, _, b in batch])
+                tb = torch.stack([slide_top(b) for _, _, b in batch])
+                results = pm.pair_metrics_batch(cache.get(a), xb, slide_top(a), tb, options.topk, options.chunk_rows)
+                del xb, tb
+                for (i, _, b), res in zip(batch, results):
+                    if boot is not None:
+                        boot[i, 0] = pm.bootstrap_means(weights, res.tile_cosine)
+                        boot[i, 1] = pm.bootstrap_means(weights, res.tile_hits[10]) if 10 in options.topk else np.nan
+                    st_a, sc_a = _slide_meta(a)
+                    st_b, sc_b = _slide_meta(b)
+                    row = {"slide_a": a, "slide_b": b, "staining_a": st_a, "scanner_a": sc_a, "staining_b": st_b,
+                           "scanner_b": sc_b, "group": pm.pair_group(st_a, sc_a, st_b, sc_b), "n_tiles": n,
+                           **res.as_dict()}
+                    fh.write(json.dumps(row) + "\n")  # after the bootstrap row: a listed pair is complete
+                    done[(a, b)] = row
+                fh.flush()
+                if time.monotonic() - last_sync > 5:
+                    sync(fh)
+                    last_sync = time.monotonic()
+                advance(len(batch))
         sync(fh)
     rows = [done[p] for p in pairs]
     summary = _write_outputs(out_dir, rows, options, boot)
