@@ -132,6 +132,11 @@ def _competitors_within(x: torch.Tensor, top: torch.Tensor, partner: torch.Tenso
     return greater, tied
 
 
+def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    # bool -> int64 sums are slow on CPU; uint8 summed into int32 is exact here (n < 2**31)
+    return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
+
+
 def pair_metrics_batch(an: torch.Tensor, bns: torch.Tensor, top_a: torch.Tensor, tops_b: torch.Tensor,
                        topk: Sequence[int] = DEFAULT_TOPK, chunk: int = DEFAULT_CHUNK,
                        tie_tol: float | None = None) -> list[PairMetrics]:
@@ -159,17 +164,19 @@ def pair_metrics_batch(an: torch.Tensor, bns: torch.Tensor, top_a: torch.Tensor,
     tied_a = torch.zeros(m, n, device=dev)
     greater_b = torch.zeros(m, n, device=dev)  # B_i queries: competitors in A (cross block columns)
     tied_b = torch.zeros(m, n, device=dev)
+    hi, lo = partner + tol, partner - tol
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         cross = torch.matmul(an[r0:r1], bns.transpose(1, 2)).float()  # (m, c, n)
         rows = torch.arange(r1 - r0, device=dev)
         cross[:, rows, rows + r0] = float("nan")  # the partner itself is not a competitor
-        d_row = cross - partner[:, r0:r1, None]
-        greater_a[:, r0:r1] += (d_row > tol).sum(2)
-        tied_a[:, r0:r1] += (d_row.abs_() <= tol).sum(2)
-        d_col = cross.sub_(partner[:, None, :])
-        greater_b += (d_col > tol).sum(1)
-        tied_b += (d_col.abs_() <= tol).sum(1)
+        # strictly above = cross > p + tol; tied = (cross >= p - tol) - strictly above
+        above_a = _count(cross > hi[:, r0:r1, None], 2)
+        greater_a[:, r0:r1] += above_a
+        tied_a[:, r0:r1] += _count(cross >= lo[:, r0:r1, None], 2) - above_a
+        above_b = _count(cross > hi[:, None, :], 1)
+        greater_b += above_b
+        tied_b += _count(cross >= lo[:, None, :], 1) - above_b
     ga, ta = _competitors_within(an[None], top_a[None], partner, tol, chunk)
     gb, tb = _competitors_within(bns, tops_b, partner, tol, chunk)
     greater_a, tied_a, greater_b, tied_b = ((t + u).double().cpu() for t, u in
