@@ -80,13 +80,15 @@ def _print_summary(summary: dict) -> None:
         import pandas as pd
 
         df = pd.read_csv(results, index_col=0)
-        table = Table(title=f"PLISM robustness — median (iqr) over {summary.get('n_pairs', '?')} pairs, "
-                            f"{summary.get('n_tiles', '?')} tiles")
-        table.add_column("group")
+        table = Table(title=f"PLISM robustness — median over {summary.get('n_pairs', '?')} pairs, "
+                            f"{summary.get('n_tiles', '?')} tiles per slide")
+        table.add_column("group", no_wrap=True)
+        short = {"cosine_similarity": "cosine"}
         for col in df.columns:
-            table.add_column(col)
+            table.add_column(short.get(col, col.replace("_accuracy", "").replace("top_", "top-")), no_wrap=True)
         for group, row in df.iterrows():
-            table.add_row(str(group), *[str(v).split(" ; ")[-1] for v in row])
+            table.add_row(str(group).replace("inter-scanner, inter-staining", "both differ"),
+                          *[str(v).split(" ; ")[-1].split(" ")[0] for v in row])
         console.print(table)
     lb = summary.get("leaderboard")
     if lb is not None:
@@ -97,7 +99,7 @@ def _print_summary(summary: dict) -> None:
     for name in ("scanner", "staining"):
         if probes.get(name) and probes[name].get("normalized") is not None:
             console.print(f"{name}-ID leakage (normalised balanced accuracy, 0 = none): {probes[name]['normalized']:.3f}")
-    err_console.print(f"[green]✓[/] {run_dir}")
+    err_console.print(f"[green]✓[/] {run_dir}  (results.csv: mean (std) ; median (iqr) per group)")
 
 
 @data_app.command("synth-plism")

@@ -112,7 +112,7 @@ class ParquetSlideTiles(TileSource):
         shard, group, row = (int(v) for v in self.locations[index])
         data = self._row_group(shard, group)[row]
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # a writable copy (torch warns on read-only arrays)
 
 
 def _png_bytes(column) -> list[bytes]:
