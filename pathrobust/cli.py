@@ -166,6 +166,7 @@ def extract(
     target_mpp: Annotated[float, typer.Option("--target-mpp", help="Slides: tile resolution in µm/px.")] = 0.5,
     tile_size: Annotated[int, typer.Option("--tile-size", help="Slides: tile side in pixels.")] = 224,
     slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="Slides: µm/px to assume when the file has none.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="h5 (CLAM/TRIDENT-style, default) or plismbench (also writes <out>/<model>/<slide_id>/features.npy).")] = "h5",
     no_progress: opt.NoProgress = False,
 ) -> None:
     """Extract pooled tile features to h5 files (one per slide / tile folder / h5), resumable.
@@ -178,17 +179,23 @@ def extract(
       pathrobust extract --model h0-mini --data tiles/ --out features/
       pathrobust extract --model virchow2 --pooling cls --data slides/ --slides --target-mpp 0.5
       pathrobust extract --model ./my_model.py:build --data patches.h5 --weights my.safetensors
+      pathrobust extract --model h0-mini --data plism-dataset-tiles/ --format plismbench
     """
+    from pathrobust.data.plism import export_h5_to_plismbench, is_plism_data, open_plism
     from pathrobust.encoders.base import build_encoder
     from pathrobust.extract import extract_features, resolve_device
 
-    sources = tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
+    if fmt not in ("h5", "plismbench"):
+        raise UserError(f"--format {fmt}: expected h5 or plismbench")
+    sources = list(open_plism(data).values()) if is_plism_data(data) else tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
     encoder = build_encoder(model, pooling=pooling, weights=weights, device=resolve_device(device))
     out_dir = out / _safe_name(encoder.name)
     for source in sources:
         path = extract_features(encoder, source, out_dir / f"{source.name}.h5", batch_size=batch_size,
                                 num_workers=workers, precision=precision, device=device, overwrite=overwrite,
                                 progress=not no_progress)
+        if fmt == "plismbench":
+            path = export_h5_to_plismbench(path, out_dir, source.name, source.coords)
         err_console.print(f"[green]✓[/] {path}  ({len(source)} tiles, {encoder.output_dim}-d, {encoder.pooling})")
 
 
