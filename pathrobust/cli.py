@@ -220,8 +220,12 @@ def _load_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app, turning UserError into one line + exit 2."""
+    import warnings
+
     import click
 
+    # Warnings are messages for the user, not for a developer: one line, no source location.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     _load_commands()
     try:
         app(args=argv, prog_name="pathrobust", standalone_mode=False)

@@ -37,6 +37,7 @@ from pathrobust.errors import UserError
 from pathrobust.registry import EncoderSpec
 
 DEFAULT_CHUNK_TILES = 2048
+WORKERS_MIN_TILES = 256
 # Attributes that must agree for an existing file (or partial work) to be reused.
 IDENTITY_ATTRS = ("model", "spec_hash", "weights_sha256", "pooling", "precision", "source_fingerprint")
 
@@ -241,6 +242,8 @@ def _run_chunks(encoder: Encoder, source: TileSource, partial: Path, start_chunk
 
     n = len(source)
     start = start_chunk * chunk
+    if n - start < WORKERS_MIN_TILES:
+        num_workers = 0  # starting worker processes costs more than decoding a few tiles
     loader = DataLoader(
         _PreparedTiles(source, encoder.spec, start, n), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, pin_memory=dev.type == "cuda", persistent_workers=False,
@@ -249,7 +252,8 @@ def _run_chunks(encoder: Encoder, source: TileSource, partial: Path, start_chunk
     buffer: list[np.ndarray] = []
     buffered = 0
     chunk_index = start_chunk
-    with tile_progress(f"{encoder.name} · {source.name}", total=n, completed=start, enabled=progress) as advance:
+    with tile_progress(f"{encoder.name} · {source.name}", total=n, completed=start, enabled=progress,
+                       transient=True) as advance:
         with torch.inference_mode(), autocast(precision, dev):
             for batch in loader:
                 feats = encoder(batch.to(dev, non_blocking=True)).float().cpu().numpy()

@@ -20,10 +20,12 @@ def progress_enabled(enabled: bool = True) -> bool:
 
 @contextlib.contextmanager
 def tile_progress(description: str, total: int, completed: int = 0, unit: str = "tiles",
-                  enabled: bool = True, postfix: Callable[[], str] | None = None) -> Iterator[Callable[[int], None]]:
+                  enabled: bool = True, postfix: Callable[[], str] | None = None,
+                  transient: bool = False) -> Iterator[Callable[[int], None]]:
     """Context manager yielding ``advance(n)``; shows ``done/total``, ``<unit>/s`` and ETA.
 
-    ``postfix`` (optional) returns a short string shown after the rate (e.g. loss terms)."""
+    ``postfix`` (optional) returns a short string shown after the rate (e.g. loss terms);
+    ``transient`` bars disappear when done (one of many, e.g. per slide)."""
     if not progress_enabled(enabled):
         yield lambda n: None
         return
@@ -32,7 +34,7 @@ def tile_progress(description: str, total: int, completed: int = 0, unit: str = 
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[extra]}"),
     ]
-    with Progress(*columns, console=_console, transient=False) as bar:
+    with Progress(*columns, console=_console, transient=transient) as bar:
         task = bar.add_task(description, total=total, completed=completed, rate="", extra="")
         started = completed
 

@@ -16,7 +16,7 @@ import pytest
 from pathrobust.data.tiles import ArrayTiles
 from pathrobust.encoders.base import build_encoder
 from pathrobust.errors import UserError
-from pathrobust.extract import extract_features, load_features
+from pathrobust.extract import WORKERS_MIN_TILES, extract_features, load_features
 from tests.helpers import REPO, tiny_vit_spec
 
 N_TILES = 240
@@ -92,8 +92,9 @@ def test_finished_file_is_kept_and_conflicts_are_reported(tmp_path):
 
 
 def test_features_do_not_depend_on_batch_size_or_workers(tmp_path):
-    tiles = ArrayTiles(np.random.default_rng(2).integers(0, 255, (12, 56, 56, 3), dtype=np.uint8), name="s")
-    enc = build_encoder(tiny_vit_spec())
-    a = load_features(extract_features(enc, tiles, tmp_path / "a.h5", batch_size=12, progress=False)).features
-    b = load_features(extract_features(enc, tiles, tmp_path / "b.h5", batch_size=5, num_workers=2, progress=False)).features
+    n = WORKERS_MIN_TILES + 8  # enough for worker processes to be used
+    tiles = ArrayTiles(np.random.default_rng(2).integers(0, 255, (n, 28, 28, 3), dtype=np.uint8), name="s")
+    enc = build_encoder(tiny_vit_spec(img=28))
+    a = load_features(extract_features(enc, tiles, tmp_path / "a.h5", batch_size=n, progress=False)).features
+    b = load_features(extract_features(enc, tiles, tmp_path / "b.h5", batch_size=50, num_workers=2, progress=False)).features
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

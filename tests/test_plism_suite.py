@@ -166,7 +166,13 @@ def test_run_features_matches_reference_definition(tmp_path):
     from pathrobust.store import ResultsDB
 
     rec = [r for r in ResultsDB(out / "results.sqlite").runs("plism")]
-    assert len(rec) == 1 and rec[0].metrics["leaderboard"] == pytest.approx(summary["leaderboard"])
+    assert len(rec) == 1 and rec[0].metrics["leaderboard"] == pytest.approx(summary["leaderboard_unrounded"])
+    # the metric names pathrobust.reports reads
+    aggs = summary["aggregates"]
+    assert rec[0].metrics["cosine_all_median"] == pytest.approx(aggs["all"]["cosine_similarity"]["median"])
+    assert rec[0].metrics["top10_both_median"] == pytest.approx(
+        aggs["inter-scanner, inter-staining"]["top_10_accuracy"]["median"])
+    assert rec[0].metrics["lb_ci_low"] == pytest.approx(ci["low"])
 
 
 def test_resume_skips_finished_pairs(tmp_path, monkeypatch):

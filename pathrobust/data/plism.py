@@ -220,7 +220,6 @@ def open_plism(path: str | os.PathLike) -> dict[str, TileSource]:
     for sid in slides:
         parse_slide_id(sid)
     check_same_tiles({sid: s.coords for sid, s in slides.items()}, where=f"--data {path}")
-    warn_partial_grid(slides)
     return dict(sorted(slides.items()))
 
 

@@ -102,6 +102,11 @@ class Encoder(nn.Module):
         self.pooling = spec.check_pooling(pooling)
         self.weights_sha256 = weights_sha256
         self.weights_source = weights_source
+        # CNNs (depthwise convolutions above all) run ~1.8x faster in channels-last layout on CPU
+        self.channels_last = not hasattr(backbone, "patch_embed") and any(
+            isinstance(m, nn.Conv2d) for m in backbone.modules())
+        if self.channels_last:
+            backbone.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -130,7 +135,10 @@ class Encoder(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return backbone_tokens(self.backbone, self.normalize(x))
+        x = self.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return backbone_tokens(self.backbone, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pool_tokens(self.forward_tokens(x), self.pooling, self.num_prefix_tokens)

@@ -42,8 +42,6 @@ SUITE = "plism"
 PAIRS_FILE = "pairs.jsonl"
 BOOT_FILE = "pairs_bootstrap.npy"
 BATCH_ELEMENTS = 2**24  # cross-block elements per call when several small pairs are batched
-GROUP_KEYS = {"all": "all", "inter-scanner": "inter_scanner", "inter-staining": "inter_staining",
-              "inter-scanner, inter-staining": "inter_both"}
 
 
 def load_protocol(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -475,21 +473,34 @@ def run_plism(*, model: str | None, out: str | os.PathLike = "runs", data: str |
     return run.finish(summary, [record])
 
 
+# Metric names in the results DB (the contract pathrobust.reports reads): short metric,
+# group, statistic — e.g. ``top10_inter_scanner_median``, ``cosine_all_median``.
+DB_METRIC = {"cosine_similarity": "cosine"}
+DB_GROUP = {"all": "all", "inter-scanner": "inter_scanner", "inter-staining": "inter_staining",
+            "inter-scanner, inter-staining": "both"}
+
+
+def db_metric_name(metric: str, group: str, stat: str) -> str:
+    short = DB_METRIC.get(metric) or metric.replace("top_", "top").replace("_accuracy", "")
+    return f"{short}_{DB_GROUP[group]}_{stat}"
+
+
 def record_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """Flat metrics for the results DB: ``leaderboard`` (rounded as the reference),
-    ``leaderboard_unrounded``, its bootstrap interval, ``<metric>.<stat>.<group>`` for every
-    aggregate, and the normalised leakage of the probes."""
+    """Flat metrics for the results DB: ``leaderboard`` (unrounded; it ranks rows),
+    ``leaderboard_rounded`` (as the reference rounds), its bootstrap interval
+    ``lb_ci_low``/``lb_ci_high``, ``<metric>_<group>_<stat>`` for every aggregate, and the
+    normalised leakage of the probes."""
     out: dict[str, float] = {}
-    for key in ("leaderboard", "leaderboard_unrounded"):
-        if key in summary:
-            out[key] = summary[key]
+    if "leaderboard_unrounded" in summary:
+        out["leaderboard"] = summary["leaderboard_unrounded"]
+        out["leaderboard_rounded"] = summary["leaderboard"]
     if "leaderboard_bootstrap" in summary:
-        out["leaderboard_ci_low"] = summary["leaderboard_bootstrap"]["low"]
-        out["leaderboard_ci_high"] = summary["leaderboard_bootstrap"]["high"]
+        out["lb_ci_low"] = summary["leaderboard_bootstrap"]["low"]
+        out["lb_ci_high"] = summary["leaderboard_bootstrap"]["high"]
     for group, per_metric in summary["aggregates"].items():
         for metric, stats in per_metric.items():
             for stat, value in stats.items():
-                out[f"{metric}.{stat}.{GROUP_KEYS[group]}"] = value
+                out[db_metric_name(metric, group, stat)] = value
     for name in ("scanner", "staining"):
         probe = summary.get("probes", {}).get(name)
         if probe:
