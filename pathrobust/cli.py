@@ -7,7 +7,6 @@ as one line with exit status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

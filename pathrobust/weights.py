@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pathrobust.cache import cache_dir
 from pathrobust.errors import UserError
 from pathrobust.registry import EncoderSpec
 
@@ -231,7 +232,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = Path(os.environ.get("PATHROBUST_CACHE", Path.home() / ".cache" / "pathrobust")) / "sha256.json"
+    cache_file = cache_dir("sha256.json")
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, json.JSONDecodeError):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pathrobust.cache import cache_dir
 from pathrobust.data.eva import CRC_CLASSES, CRC_TRAIN_DIR, CRC_VAL_DIR
 from pathrobust.data.he import bundled_slide_rgb
 from pathrobust.data.slides import tissue_mask
@@ -64,8 +65,7 @@ class SynthEvaConfig:
 
 def default_synth_root() -> Path:
     """``$PATHROBUST_CACHE/synth-eva`` (default ``~/.cache/pathrobust/synth-eva``)."""
-    base = os.environ.get("PATHROBUST_CACHE") or Path.home() / ".cache" / "pathrobust"
-    return Path(base) / "synth-eva"
+    return cache_dir("synth-eva")
 
 
 # -- tiles -----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pathrobust.cache import cache_dir
 
 FEATURES = ("h_density", "e_density", "nuclear_count", "alignment", "texture", "clustering")
 COLOUR_FEATURES = ("h_density", "e_density")
@@ -241,4 +242,4 @@ def build_synth_hest(out: str | os.PathLike, config: SynthHestConfig = SynthHest
 
 def default_synth_dir() -> Path:
     """``$PATHROBUST_CACHE/synth-hest`` (default ``~/.cache/pathrobust/synth-hest``)."""
-    return Path(os.environ.get("PATHROBUST_CACHE", Path.home() / ".cache" / "pathrobust")) / "synth-hest"
+    return cache_dir("synth-hest")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pathrobust.cache import cache_dir
 from pathrobust.data.plism import SCANNERS, STAININGS, make_slide_id, make_tile_id
 from pathrobust.errors import UserError
 from pathrobust.stain import EPS, RGB_FROM_HED, rgb_to_hed
@@ -152,9 +153,6 @@ def synth_plism(out: str | os.PathLike, config: SynthPlismConfig = SynthPlismCon
     """Write a synthetic PLISM dataset (see the module doc) to ``out``; returns ``out``.
 
     Built under a temporary name and renamed, so ``out`` is complete or absent."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from pathrobust.data.he import sample_he_tiles
     from pathrobust.progress import tile_progress
 
@@ -239,14 +237,10 @@ class _ShardWriter:
         self.written += 1
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PATHROBUST_CACHE", Path.home() / ".cache" / "pathrobust"))
-
-
 def default_plism_data(config: SynthPlismConfig = SynthPlismConfig(), progress: bool = True) -> Path:
     """The synthetic dataset used when no ``--data`` is given: built once into
     ``$PATHROBUST_CACHE/synth-plism/<config key>/`` (default root ``~/.cache/pathrobust``)."""
-    path = cache_root() / "synth-plism" / config.key()
+    path = cache_dir("synth-plism") / config.key()
     if (path / DONE_MARKER).is_file():
         return path
     try:

@@ -344,7 +344,7 @@ class Distiller:
         return _mean_over_ranks({"loss": loss, "dino": dino, "ibot": ibot}) | {"phase": 0.0}
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        r, dev, t = self.recipe, self.device, StepTimes()
+        r, dev = self.recipe, self.device
         sched = self.schedule(batch.step)
         g, b = batch.globals_.shape[:2]
         globals_ = batch.globals_.flatten(0, 1).to(dev, non_blocking=True)
