@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,7 @@ def _run_chunks(encoder: Encoder, source: TileSource, partial: Path, start_chunk
     buffer: list[np.ndarray] = []
     buffered = 0
     chunk_index = start_chunk
+    started = time.perf_counter()
     with tile_progress(f"{encoder.name} · {source.name}", total=n, completed=start, enabled=progress,
                        transient=True) as advance:
         with torch.inference_mode(), autocast(precision, dev):
@@ -263,3 +265,5 @@ def _run_chunks(encoder: Encoder, source: TileSource, partial: Path, start_chunk
                 if buffered >= chunk or start + (chunk_index - start_chunk) * chunk + buffered >= n:
                     _atomic_save_npy(partial / f"{chunk_index:06d}.npy", np.concatenate(buffer))
                     buffer, buffered, chunk_index = [], 0, chunk_index + 1
+    encoder.tiles_embedded += n - start
+    encoder.seconds_embedding += time.perf_counter() - started

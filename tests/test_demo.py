@@ -27,6 +27,7 @@ def test_quick_demo_produces_every_artefact_and_reuses_work(tmp_path, monkeypatc
     runs = list(ResultsDB(out / "runs" / "results.sqlite").runs())
     assert {r.suite for r in runs} == {"plism", "hest", "eva"}
     assert {r.model for r in runs} == set(result.models)
+    assert all(r.timings["tiles_per_s"] > 0 and r.timings["wall_s"] > 0 for r in runs)
     for name in result.models:
         for suite in ("plism", "hest", "eva"):
             score = result.scores[name][suite]

@@ -35,8 +35,7 @@ def test_synth_parquet_layout_and_reader(synth):
 
     schema = pq.ParquetFile(shards[0]).schema_arrow
     assert {"slide_id", "tile_id", "png", "stainer", "scanner"} <= set(schema.names)
-    with pytest.warns(UserWarning, match="6 of the 91"):
-        slides = pdata.open_plism(synth)
+    slides = pdata.open_plism(synth)
     assert list(slides) == sorted(pdata.make_slide_id(st, sc) for st in STAININGS for sc in SCANNERS)
     src = slides["GIV_AT2_to_GMH_S60.tif"]
     assert len(src) == 10 and src.read(0).shape == (64, 64, 3) and src.read(0).dtype == np.uint8
@@ -44,6 +43,15 @@ def test_synth_parquet_layout_and_reader(synth):
     other = slides["HR_S60_to_GMH_S60.tif"]
     assert np.array_equal(src.coords, other.coords)
     assert np.abs(src.read(3).astype(int) - other.read(3).astype(int)).mean() > 2
+
+
+def test_partial_grid_warns_full_grid_is_silent():
+    full = [pdata.make_slide_id(st, sc) for st in pdata.STAININGS for sc in pdata.SCANNERS]
+    with pytest.warns(UserWarning, match="6 of the 91"):
+        pdata.warn_partial_grid(full[:6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pdata.warn_partial_grid(full)
 
 
 def test_parquet_slide_spanning_shards_and_row_order(tmp_path, synth):

@@ -102,6 +102,8 @@ class Encoder(nn.Module):
         self.pooling = spec.check_pooling(pooling)
         self.weights_sha256 = weights_sha256
         self.weights_source = weights_source
+        self.tiles_embedded = 0  # throughput bookkeeping of the extractor (tiles, seconds)
+        self.seconds_embedding = 0.0
         # CNNs (depthwise convolutions above all) run ~1.8x faster in channels-last layout on CPU
         self.channels_last = not hasattr(backbone, "patch_embed") and any(
             isinstance(m, nn.Conv2d) for m in backbone.modules())
@@ -142,6 +144,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pool_tokens(self.forward_tokens(x), self.pooling, self.num_prefix_tokens)
+
+    @property
+    def tiles_per_second(self) -> float | None:
+        """Extraction throughput so far (decoding included), or None before any extraction."""
+        return self.tiles_embedded / self.seconds_embedding if self.seconds_embedding > 0 else None
 
     def provenance(self) -> dict[str, Any]:
         """What a feature file or run records about this encoder."""

@@ -21,6 +21,16 @@ from pathrobust.store import DB_FILENAME, ResultsDB, RunRecord, environment, run
 SUMMARY = "summary.json"
 
 
+def encoder_record_fields(encoder, precision: str) -> dict[str, Any]:
+    """The RunRecord fields that describe the encoder of a run, its throughput included."""
+    fields: dict[str, Any] = dict(spec_hash=encoder.spec.hash, pooling=encoder.pooling, precision=precision,
+                                  input_size=encoder.spec.input_size, params=encoder.spec.params,
+                                  weights_sha256=encoder.weights_sha256 or "")
+    if encoder.tiles_per_second is not None:
+        fields["timings"] = {"tiles_per_s": round(encoder.tiles_per_second, 2)}
+    return fields
+
+
 def run_key(config: Mapping[str, Any]) -> str:
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -27,6 +27,7 @@ from pathrobust.data.eva import EvaDataset, EvaResizeCrop, discover_tasks, read_
 from pathrobust.errors import UserError
 from pathrobust.metrics.classification import mean_std
 from pathrobust.store import RunRecord
+from pathrobust.suites.base import SuiteRun, encoder_record_fields
 from pathrobust.suites.eva_probe import ProbeConfig, ProbeResult, patience_in_epochs, train_linear_probes
 
 PROTOCOL_FILE = Path(__file__).resolve().parent.parent / "configs" / "suites" / "eva.toml"
@@ -162,7 +163,6 @@ def run_eva(model: str, data: str | os.PathLike | None = None, tasks: list[str] 
     from pathrobust.data.synth_eva import write_synth_eva
     from pathrobust.encoders.base import build_encoder
     from pathrobust.extract import resolve_device, resolve_precision
-    from pathrobust.suites.base import SuiteRun
 
     protocol = load_protocol(protocol_path)
     data_root = Path(data) if data is not None else write_synth_eva()
@@ -196,9 +196,7 @@ def run_eva(model: str, data: str | os.PathLike | None = None, tasks: list[str] 
 
 def _finish(run, encoder, results: list[TaskResult], data_root: Path) -> dict[str, Any]:
     spec = encoder.spec
-    common = dict(suite=SUITE, model=spec.name, spec_hash=spec.hash, pooling=encoder.pooling,
-                  precision=run.config["precision"], input_size=spec.input_size, params=spec.params,
-                  weights_sha256=encoder.weights_sha256 or "", run_id="auto")
+    common = dict(suite=SUITE, model=spec.name, run_id="auto", **encoder_record_fields(encoder, run.config["precision"]))
     records = []
     for r in results:
         mean, std = r.mean_std

@@ -30,6 +30,7 @@ import numpy as np
 from pathrobust.data import hest as H
 from pathrobust.errors import UserError
 from pathrobust.metrics import regression as R
+from pathrobust.suites.base import SuiteRun, encoder_record_fields
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "suites" / "hest.toml"
 SUITE = "hest"
@@ -287,7 +288,6 @@ def run_hest(*, bench_root: Path, out: Path, model: str | None = None, embedding
              protocol: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the suite (see module doc) and return its summary (also in ``summary.json``)."""
     from pathrobust.store import RunRecord
-    from pathrobust.suites.base import SuiteRun
 
     if (model is None) == (embeddings is None):
         raise UserError("run hest: give exactly one of --model and --embeddings")
@@ -356,8 +356,7 @@ def run_hest(*, bench_root: Path, out: Path, model: str | None = None, embedding
     base = dict(suite=SUITE, model=label, data_fingerprint=fingerprint, options=options.to_dict(),
                 precision=precision if encoder is not None else "")
     if encoder is not None:
-        base.update(spec_hash=encoder.spec.hash, pooling=encoder.pooling, input_size=encoder.spec.input_size,
-                    params=encoder.spec.params, weights_sha256=encoder.weights_sha256 or "")
+        base.update(encoder_record_fields(encoder, precision))
     else:  # a cache written by pathrobust carries the encoder's provenance: keep it on the rows
         attrs = _cache_attrs(embed_root, selected[0], folder)
         base.update(spec_hash=str(attrs.get("spec_hash", "")), weights_sha256=str(attrs.get("weights_sha256", "")),

@@ -36,6 +36,7 @@ import torch
 from pathrobust.data import plism as pdata
 from pathrobust.errors import UserError
 from pathrobust.metrics import plism as pm
+from pathrobust.suites.base import SuiteRun, encoder_record_fields
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "plism.toml"
 SUITE = "plism"
@@ -407,7 +408,6 @@ def run_plism(*, model: str | None, out: str | os.PathLike = "runs", data: str |
     import shutil
 
     from pathrobust.store import RunRecord
-    from pathrobust.suites.base import SuiteRun
 
     protocol = load_protocol(protocol_file)
     options = PlismOptions.from_protocol(protocol, topk=tuple(topk) if topk else None, bootstrap=bootstrap,
@@ -447,9 +447,7 @@ def run_plism(*, model: str | None, out: str | os.PathLike = "runs", data: str |
         features = extract_plism_features(encoder, slides, cache_dir, batch_size, workers, precision, device, progress)
         model_name = encoder.name
         provenance.update(encoder=enc_prov, data=str(Path(data).resolve()), feature_cache=str(cache_dir))
-        record_fields.update(spec_hash=enc_prov["spec_hash"], pooling=enc_prov["pooling"], precision=precision,
-                             input_size=enc_prov["input_size"], params=encoder.spec.params,
-                             weights_sha256=enc_prov["weights_sha256"])
+        record_fields.update(encoder_record_fields(encoder, precision))
     xy, _ = features.dim_and_tiles()
     subset = pdata.tile_subset(len(xy), tile_subset, n_tiles)
     config = {"model": model_name, **{k: record_fields.get(k, "") for k in ("spec_hash", "pooling", "precision", "weights_sha256")},
