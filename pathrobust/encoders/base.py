@@ -64,7 +64,8 @@ def prepare_tile(tile: np.ndarray | torch.Tensor, spec: EncoderSpec) -> torch.Te
     """uint8 ``(H, W, 3)`` tile -> uint8 ``(3, S, S)``: shorter-side resize to
     ``spec.resize_size`` then centre crop ``spec.input_size`` (or a direct resize to the
     input size when ``resize_size`` is None). Tiles already at the input size pass through."""
-    t = torch.as_tensor(np.ascontiguousarray(tile)) if not isinstance(tile, torch.Tensor) else tile
+    # np.require copies only read-only or non-contiguous arrays (PIL hands out read-only ones)
+    t = tile if isinstance(tile, torch.Tensor) else torch.from_numpy(np.require(tile, requirements=["C", "W"]))
     if t.ndim != 3 or t.shape[-1] not in (3, 4):
         raise UserError(f"tile has shape {tuple(t.shape)}; expected (H, W, 3)")
     t = t[..., :3].permute(2, 0, 1)
