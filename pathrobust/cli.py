@@ -215,6 +215,24 @@ def _load_commands() -> None:
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{info.name}")
+    for typer_app in (app, models_app, run_app, data_app):
+        for command in typer_app.registered_commands:
+            command.callback.__doc__ = reflow_help(command.callback.__doc__ or "")
+
+
+def reflow_help(doc: str) -> str:
+    """Join the hard-wrapped lines of a docstring's paragraphs so ``--help`` wraps them to the
+    terminal; indented lines (the Examples) are kept as they are."""
+    import inspect
+
+    out: list[str] = []
+    for line in inspect.cleandoc(doc).splitlines():
+        prose = line.strip() and not line.startswith(" ")
+        if prose and out and out[-1].strip() and not out[-1].startswith(" ") and not out[-1].endswith(":"):
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
