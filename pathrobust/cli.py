@@ -125,30 +125,6 @@ def models_show(name: Annotated[str, typer.Argument(help="Encoder name, module:f
 
 
 # -- extract -------------------------------------------------------------------------------
-def tile_sources(data: Path, slides: bool = False, target_mpp: float = 0.5, tile_size: int = 224,
-                 slide_mpp: float | None = None):
-    """Turn ``--data`` into tile sources: a folder of tiles, an h5 of tiles, a slide file,
-    or a folder of slides (``--slides`` forces slide mode for ``.tif`` folders)."""
-    from pathrobust.data.slides import SLIDE_SUFFIXES, SlideTiles, find_slides
-    from pathrobust.data.tiles import FolderTiles, H5Tiles
-
-    if not data.exists():
-        raise UserError(f"--data {data}: does not exist")
-    slide_only = {s for s in SLIDE_SUFFIXES if s not in (".tif", ".tiff")}
-    if data.is_file():
-        if data.suffix in (".h5", ".hdf5"):
-            return [H5Tiles(data)]
-        if data.suffix.lower() in SLIDE_SUFFIXES:
-            return [SlideTiles(data, tile_size, target_mpp, slide_mpp_default=slide_mpp)]
-        raise UserError(f"--data {data}: expected a folder of tiles, a .h5 of tiles or a slide file")
-    if slides or any(p.suffix.lower() in slide_only for p in data.rglob("*")):
-        return [SlideTiles(p, tile_size, target_mpp, slide_mpp_default=slide_mpp) for p in find_slides(data)]
-    h5s = sorted(data.glob("*.h5"))
-    if h5s:
-        return [H5Tiles(p) for p in h5s]
-    return [FolderTiles(data)]
-
-
 @app.command()
 def extract(
     model: opt.Model,
@@ -180,15 +156,17 @@ def extract(
       pathrobust extract --model ./my_model.py:build --data patches.h5 --weights my.safetensors
       pathrobust extract --model h0-mini --data plism-dataset-tiles/ --format plismbench
     """
-    from pathrobust.data.plism import export_h5_to_plismbench, is_plism_data, open_plism
+    from pathrobust.data.plism import export_h5_to_plismbench
+    from pathrobust.data.sources import open_tile_sources
     from pathrobust.encoders.base import build_encoder
     from pathrobust.extract import extract_features, resolve_device
+    from pathrobust.store import safe_name
 
     if fmt not in ("h5", "plismbench"):
         raise UserError(f"--format {fmt}: expected h5 or plismbench")
-    sources = list(open_plism(data).values()) if is_plism_data(data) else tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
+    sources = open_tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
     encoder = build_encoder(model, pooling=pooling, weights=weights, device=resolve_device(device))
-    out_dir = out / _safe_name(encoder.name)
+    out_dir = out / safe_name(encoder.name)
     for source in sources:
         path = extract_features(encoder, source, out_dir / f"{source.name}.h5", batch_size=batch_size,
                                 num_workers=workers, precision=precision, device=device, overwrite=overwrite,
@@ -196,11 +174,6 @@ def extract(
         if fmt == "plismbench":
             path = export_h5_to_plismbench(path, out_dir, source.name, source.coords)
         err_console.print(f"[green]✓[/] {path}  ({len(source)} tiles, {encoder.output_dim}-d, {encoder.pooling})")
-
-
-def _safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
-    return keep.strip("._") or "model"
 
 
 # -- entry point ---------------------------------------------------------------------------

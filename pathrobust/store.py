@@ -205,9 +205,14 @@ class ResultsDB:
             con.close()
 
 
+def safe_name(name: str) -> str:
+    """A model name as a file or folder name (``+`` kept: ``cls+mean`` stays readable)."""
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name).strip("._") or "model"
+
+
 def run_dir_for(out: str | os.PathLike, suite: str, model: str, run_id: str) -> Path:
     """``<out>/<suite>/<model>/<run-id>/`` (model name made filesystem-safe)."""
-    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in model).strip("._") or "model"
+    safe = safe_name(model)
     return Path(out) / suite / safe / run_id
 
 

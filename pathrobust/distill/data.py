@@ -57,7 +57,7 @@ def open_training_tiles(data: Path | None, recipe: Recipe) -> TileSource:
         size = max(recipe.data.tile_size, recipe.crops.global_size)
         tiles = sample_he_tiles(recipe.data.synthetic_tiles, size=size, seed=recipe.seed)
         return ArrayTiles(tiles, name="bundled-he")
-    from pathrobust.cli import tile_sources
+    from pathrobust.data.sources import open_tile_sources
     from pathrobust.data.slides import SLIDE_SUFFIXES, SlideTiles, find_slides
 
     d, data = recipe.data, Path(data)
@@ -68,7 +68,7 @@ def open_training_tiles(data: Path | None, recipe: Recipe) -> TileSource:
     if is_slide or has_slides:
         slides = find_slides(data)
         return ConcatTiles([SlideTiles(p, d.tile_size, d.target_mpp, min_tissue=d.min_tissue) for p in slides])
-    return ConcatTiles(tile_sources(data))
+    return ConcatTiles(open_tile_sources(data))
 
 
 def sample_generator(seed: int, position: int) -> torch.Generator:

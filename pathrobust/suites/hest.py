@@ -30,6 +30,7 @@ import numpy as np
 from pathrobust.data import hest as H
 from pathrobust.errors import UserError
 from pathrobust.metrics import regression as R
+from pathrobust.store import safe_name
 from pathrobust.suites.base import SuiteRun, encoder_record_fields
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "suites" / "hest.toml"
@@ -103,7 +104,7 @@ class TaskResult:
 def encoder_folder(encoder, precision: str) -> str:
     """Folder name of an encoder in the embedding cache: the model name, plus the pooling
     when it is not the model's default and the precision when it is not fp32."""
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in encoder.name).strip("._") or "model"
+    name = safe_name(encoder.name).replace("+", "_")
     if encoder.pooling != encoder.spec.default_pooling:
         name += f"-{encoder.pooling.replace('+', '_')}"
     if precision != "fp32":

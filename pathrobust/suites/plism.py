@@ -36,6 +36,7 @@ import torch
 from pathrobust.data import plism as pdata
 from pathrobust.errors import UserError
 from pathrobust.metrics import plism as pm
+from pathrobust.store import safe_name
 from pathrobust.suites.base import SuiteRun, encoder_record_fields
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "plism.toml"
@@ -443,7 +444,7 @@ def run_plism(*, model: str | None, out: str | os.PathLike = "runs", data: str |
         enc_prov = encoder.provenance()
         data_fp = _fingerprint({sid: s.fingerprint() for sid, s in slides.items()} | {"data": str(Path(data).resolve())})
         key = _fingerprint([enc_prov["spec_hash"], enc_prov["pooling"], enc_prov["weights_sha256"], precision, data_fp])
-        cache_dir = out / SUITE / "_features" / f"{_safe(encoder.name)}-{key}"
+        cache_dir = out / SUITE / "_features" / f"{safe_name(encoder.name)}-{key}"
         features = extract_plism_features(encoder, slides, cache_dir, batch_size, workers, precision, device, progress)
         model_name = encoder.name
         provenance.update(encoder=enc_prov, data=str(Path(data).resolve()), feature_cache=str(cache_dir))
@@ -507,5 +508,3 @@ def record_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name).strip("._") or "model"
