@@ -17,7 +17,7 @@ EXPECTED_DEFAULT = {
     "phikon-v2": ("cls", 1024), "hibou-b": ("cls", 768), "hibou-l": ("cls", 1024),
     "kaiko-vit-s16": ("cls", 384), "kaiko-vit-s8": ("cls", 384), "kaiko-vit-b16": ("cls", 768),
     "kaiko-vit-b8": ("cls", 768), "kaiko-vit-l14": ("cls", 1024), "midnight-12k": ("cls+mean", 3072),
-    "conch": ("cls", 512), "efficientnet-lite0-imagenet": ("cls", 1280),
+    "conch": ("cls", 512), "conch-224": ("cls", 512), "efficientnet-lite0-imagenet": ("cls", 1280),
     "rgb-histogram": ("cls", 96), "hed-histogram": ("cls", 96), "vit-s14-random": ("cls", 384),
 }
 PREFIX = {"h0-mini": 5, "h-optimus-0": 5, "uni2-h": 9, "virchow": 1, "virchow2": 5, "hibou-b": 5, "kaiko-vit-l14": 5}

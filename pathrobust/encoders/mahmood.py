@@ -76,3 +76,12 @@ def conch() -> EncoderSpec:
         gated=True,
         description="CONCH vision tower (ViT-B/16 at 448 px + attentional pooler), 512-d image embedding before the contrastive projection",
     )
+
+
+@register_encoder
+def conch_224() -> EncoderSpec:
+    # plismbench runs CONCH at 224 px (force_image_size=224: position embeddings resampled
+    # 28x28 -> 14x14 at load, as pathrobust's converter does); its published PLISM row used this.
+    spec = conch()
+    return spec.replace(name="conch-224", input_size=224, resize_size=224,
+                        description=spec.description.replace("448 px", "224 px (plismbench's setting)"))
