@@ -75,16 +75,23 @@ def cosine_vs_top10(report: Report) -> Figure | None:
     def pts(rows):
         return [(r.values["cosine_all_median"], _top10_mean(r.values), label(r)) for r in rows
                 if r.values.get("cosine_all_median") is not None and _top10_mean(r.values) is not None]
-    measured, published = pts(board.rows), pts(board.published)
+    return _measured_and_published(pts(board.rows), pts(board.published),
+                                   "cosine similarity, median over all pairs",
+                                   "top-10 accuracy, mean of the three group medians",
+                                   "PLISM: representation stability vs retrieval")
+
+
+def _measured_and_published(measured, published, xlabel: str, ylabel: str, title: str) -> Figure | None:
+    """A scatter of measured points over the published ones (grey), or None with no measured point."""
     if not measured:
         return None
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
     _scatter(ax, published, PUBLISHED, "published", "#777777")
     _scatter(ax, measured, MEASURED, "measured", "#111111")
-    ax.set_xlabel("cosine similarity, median over all pairs")
-    ax.set_ylabel("top-10 accuracy, mean of the three group medians")
-    ax.set_title("PLISM: representation stability vs retrieval")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -212,19 +219,9 @@ def robustness_vs_accuracy(report: Report) -> Figure | None:
     def pts(rows):
         return [(r.accuracy, r.scores[ROBUSTNESS_SUITE], label(r)) for r in rows
                 if r.accuracy is not None and r.scores.get(ROBUSTNESS_SUITE) is not None]
-    measured, published = pts(report.overall), pts(report.published_overall)
-    if not measured:
-        return None
-    fig = Figure(figsize=(7, 5))
-    ax = fig.subplots()
-    _scatter(ax, published, PUBLISHED, "published", "#777777")
-    _scatter(ax, measured, MEASURED, "measured", "#111111")
-    ax.set_xlabel(f"accuracy: mean of {' and '.join(s.upper() for s in ACCURACY_SUITES)} scores")
-    ax.set_ylabel("PLISM leaderboard (robustness)")
-    ax.set_title("Robustness vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _measured_and_published(pts(report.overall), pts(report.published_overall),
+                                   f"accuracy: mean of {' and '.join(s.upper() for s in ACCURACY_SUITES)} scores",
+                                   "PLISM leaderboard (robustness)", "Robustness vs accuracy")
 
 
 PLOTS: tuple[tuple[str, str, Callable[[Report], Figure | None]], ...] = (
