@@ -6,7 +6,7 @@ import torch
 
 from pathrobust.metrics.classification import (balanced_accuracy, balanced_accuracy_batched, mean_std,
                                                predictions_from_logits)
-from pathrobust.suites.eva_probe import (ProbeConfig, patience_in_epochs, train_linear_probes,
+from pathrobust.suites.eva_probe import (ProbeConfig, patience_in_epochs, shared_input_logits, train_linear_probes,
                                          train_probe_reference)
 
 
@@ -71,19 +71,30 @@ def test_linearly_separable_embeddings_reach_099(classes):
     assert res.balanced_accuracy(vx, vy).min() >= 0.99
 
 
-def test_batched_runs_equal_separate_reference_runs():
-    x, y = _blobs(500, 24, 3, 0.7, 3)
-    vx, vy = _blobs(150, 24, 3, 0.7, 4)
+def test_shared_input_logits_are_each_runs_own_product():
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(7, 5, generator=gen), torch.randn(3, 4, 5, generator=gen)
+    logits = shared_input_logits(x, weight)
+    assert logits.shape == (3, 7, 4)
+    for r in range(3):
+        assert torch.allclose(logits[r], x @ weight[r].T, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [2, 3])  # eva's one-logit BCE head and the softmax head
+def test_batched_runs_equal_separate_reference_runs(classes):
+    # dim 24: the batched rows are padded to 32 columns (bias + 7 zeros), which must change nothing
+    x, y = _blobs(500, 24, classes, 0.7, 3)
+    vx, vy = _blobs(150, 24, classes, 0.7, 4)
     cfg = ProbeConfig(max_steps=300, patience=4, n_runs=3, seed=11)
-    res = train_linear_probes(x, y, vx, vy, 3, cfg)
+    res = train_linear_probes(x, y, vx, vy, classes, cfg)
     for r in range(cfg.n_runs):
-        head, score, epoch = train_probe_reference(x, y, vx, vy, 3, cfg, run=r)
+        head, score, epoch = train_probe_reference(x, y, vx, vy, classes, cfg, run=r)
         assert score == pytest.approx(res.val_balanced_accuracy[r])
         assert epoch == res.best_epoch[r]
         assert torch.allclose(head.weight.detach(), res.weight[r], atol=1e-6)
         assert torch.allclose(head.bias.detach(), res.bias[r], atol=1e-6)
     # deterministic given the seed
-    again = train_linear_probes(x, y, vx, vy, 3, cfg)
+    again = train_linear_probes(x, y, vx, vy, classes, cfg)
     assert torch.equal(again.weight, res.weight)
 
 
