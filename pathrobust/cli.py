@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import click
 
+    from pathrobust.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # CPU forward passes otherwise page-fault their activations every batch
     # Warnings are messages for the user, not for a developer: one line, no source location.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     _load_commands()
