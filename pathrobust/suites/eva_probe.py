@@ -181,7 +181,8 @@ def _train(train_x, train_y, val_x, val_y, num_classes: int, config: ProbeConfig
     m, v = torch.zeros_like(params), torch.zeros_like(params)
     # targets as (C, N): the step works on transposed logits (A, C, b), the fast bmm layout
     target = (y.to(torch.float32)[None] if binary else F.one_hot(y, out).to(torch.float32).T).contiguous()
-    buffers = _StepBuffers(runs, out, bsz, width)
+    buffers = _StepBuffers(x=runs * bsz * width, logits=runs * out * bsz, target=out * runs * bsz,
+                           grad=runs * out * width)
 
     best = params.clone()
     best_score = np.full(runs, -np.inf)
@@ -204,13 +205,13 @@ def _train(train_x, train_y, val_x, val_y, num_classes: int, config: ProbeConfig
             idx = perms[:, k * bsz:(k + 1) * bsz]  # (A, b): every run's own batch
             a, b = idx.shape
             flat = idx.reshape(-1)
-            xb = torch.index_select(x, 0, flat, out=buffers.x(a * b, width)).view(a, b, width)
-            z = torch.bmm(params, xb.mT, out=buffers.z(a, out, b))  # logits, transposed: (A, C, b)
+            xb = torch.index_select(x, 0, flat, out=buffers.take("x", a * b, width)).view(a, b, width)
+            z = torch.bmm(params, xb.mT, out=buffers.take("logits", a, out, b))  # logits, transposed: (A, C, b)
             # d(mean loss)/dz for BCE-with-logits and softmax cross-entropy alike: (p - target) / b
             prob = torch.sigmoid(z) if binary else torch.softmax(z, dim=1)
-            batch_target = torch.index_select(target, 1, flat, out=buffers.target(out, a * b))
+            batch_target = torch.index_select(target, 1, flat, out=buffers.take("target", out, a * b))
             grad_z = prob.sub_(batch_target.view(out, a, b).transpose(0, 1)).div_(b)
-            grad = torch.bmm(grad_z, xb, out=buffers.grad(a, out, width))  # weight and bias gradients
+            grad = torch.bmm(grad_z, xb, out=buffers.take("grad", a, out, width))  # weight and bias gradients
             _adamw_(params, grad, m, v, step + 1, lr, beta1, beta2, config.eps, config.weight_decay)
             step += 1
             if progress is not None:
@@ -262,27 +263,11 @@ class _StepBuffers:
     """Flat tensors reused by every step. A fresh ~4 MB gather per step cost ~15 % of the step
     (allocation and first-touch page faults); views of the right size are handed out instead."""
 
-    def __init__(self, runs: int, out: int, batch: int, width: int):
-        self._x = torch.empty(runs * batch * width)
-        self._z = torch.empty(runs * out * batch)
-        self._target = torch.empty(out * runs * batch)
-        self._grad = torch.empty(runs * out * width)
+    def __init__(self, **numels: int):
+        self._flat = {name: torch.empty(numel) for name, numel in numels.items()}
 
-    @staticmethod
-    def _view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
-        return flat[:math.prod(shape)].view(shape)
-
-    def x(self, *shape: int) -> torch.Tensor:
-        return self._view(self._x, *shape)
-
-    def z(self, *shape: int) -> torch.Tensor:
-        return self._view(self._z, *shape)
-
-    def target(self, *shape: int) -> torch.Tensor:
-        return self._view(self._target, *shape)
-
-    def grad(self, *shape: int) -> torch.Tensor:
-        return self._view(self._grad, *shape)
+    def take(self, name: str, *shape: int) -> torch.Tensor:
+        return self._flat[name][:math.prod(shape)].view(shape)
 
 
 def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, lr: float,
