@@ -144,7 +144,8 @@ def test_model_run_writes_hest_cache_that_embeddings_mode_reads(bench, tmp_path)
     assert cached.barcodes == H.read_patch_index(bench / "T1" / "patches" / "T1_P0.h5")[0]
     assert not (out / "hest-embeddings" / "T1" / "rgb-histogram" / ".extract").exists()
     mtime = files[0].stat().st_mtime_ns
-    again = run_hest(bench_root=bench, out=out, model="rgb-histogram", tasks=["T1"], progress=False)
+    # plain strings name the same run as Paths
+    again = run_hest(bench_root=str(bench), out=str(out), model="rgb-histogram", tasks=["T1"], progress=False)
     assert again["run_id"] == first["run_id"] and files[0].stat().st_mtime_ns == mtime
     reread = run_hest(bench_root=bench, out=out, embeddings=out / "hest-embeddings", encoder_name="rgb-histogram",
                       tasks=["T1"], progress=False)

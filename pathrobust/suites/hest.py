@@ -281,14 +281,17 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def run_hest(*, bench_root: Path, out: Path, model: str | None = None, embeddings: Path | None = None,
-             encoder_name: str | None = None, tasks: Sequence[str] | None = None,
-             options: HestOptions = HestOptions(), weights: str | None = None, embed_dir: Path | None = None,
-             batch_size: int = 64, num_workers: int = 0, precision: str = "auto", device: str = "auto",
-             overwrite: bool = False, progress: bool = True, db_path: Path | None = None,
-             protocol: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_hest(*, bench_root: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+             embeddings: str | os.PathLike | None = None, encoder_name: str | None = None,
+             tasks: Sequence[str] | None = None, options: HestOptions = HestOptions(), weights: str | None = None,
+             embed_dir: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 0,
+             precision: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
+             db_path: str | os.PathLike | None = None, protocol: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the suite (see module doc) and return its summary (also in ``summary.json``)."""
     from pathrobust.store import RunRecord
+
+    bench_root, out = Path(bench_root), Path(out)
+    embeddings = Path(embeddings) if embeddings is not None else None
 
     if (model is None) == (embeddings is None):
         raise UserError("run hest: give exactly one of --model and --embeddings")
