@@ -28,6 +28,13 @@ import torch
 from pathrobust.suites.eva_probe import ProbeConfig, train_linear_probes, train_probe_reference
 
 
+def _timed(fn):
+    """``(fn(), seconds it took)``."""
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12_500)
@@ -51,19 +58,19 @@ def main() -> None:
     warm = ProbeConfig(max_steps=50, n_runs=args.runs)  # first calls pay one-off library start-up
     train_linear_probes(x, y, vx, vy, classes, warm)
     train_probe_reference(x, y, vx, vy, classes, warm)
+
+    def one_at_a_time(runs):  # best validation score of each run
+        return [train_probe_reference(x, y, vx, vy, classes, cfg, run=r)[1] for r in runs]
+
     ratios, best_batched, best_loop = [], float("inf"), float("inf")
     for pair in range(1, args.repeat + 1):
         # A-B-A within each pair: half the one-at-a-time runs before the batched call and half
         # after, so a slow spell of the machine weighs on both sides alike
-        first, scores, t_loop = (args.runs + 1) // 2, [], 0.0
-        for runs in (range(first), None, range(first, args.runs)):
-            t0 = time.perf_counter()
-            if runs is None:
-                batched = train_linear_probes(x, y, vx, vy, classes, cfg)
-                t_batched = time.perf_counter() - t0
-                continue
-            scores += [train_probe_reference(x, y, vx, vy, classes, cfg, run=r)[1] for r in runs]
-            t_loop += time.perf_counter() - t0
+        first = (args.runs + 1) // 2
+        scores, t_before = _timed(lambda: one_at_a_time(range(first)))
+        batched, t_batched = _timed(lambda: train_linear_probes(x, y, vx, vy, classes, cfg))
+        rest, t_after = _timed(lambda: one_at_a_time(range(first, args.runs)))
+        scores, t_loop = scores + rest, t_before + t_after
         same = np.allclose(scores, batched.val_balanced_accuracy, atol=1e-3)
         ratios.append(t_batched / t_loop)
         best_batched, best_loop = min(best_batched, t_batched), min(best_loop, t_loop)
@@ -72,6 +79,7 @@ def main() -> None:
     print(f"fastest of each: batched {best_batched:.2f} s, one at a time {best_loop:.2f} s, "
           f"ratio {best_batched / best_loop:.3f}")
     print(f"ratio batched / one-at-a-time (median of {len(ratios)}): {statistics.median(ratios):.3f}  (target <= 0.33)")
+
 
 if __name__ == "__main__":
     main()

@@ -159,11 +159,6 @@ def train_linear_probes(train_x, train_y, val_x, val_y, num_classes: int, config
     Returns:
         :class:`ProbeResult` holding each run's best checkpoint.
     """
-    return _train(train_x, train_y, val_x, val_y, num_classes, config, progress)
-
-
-def _train(train_x, train_y, val_x, val_y, num_classes: int, config: ProbeConfig,
-           progress: Callable[[int], None] | None) -> ProbeResult:
     x, y, vx, vy = _check_inputs(train_x, train_y, val_x, val_y, num_classes)
     binary = num_classes == 2
     n, dim = x.shape
