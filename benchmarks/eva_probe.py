@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from pathrobust.suites.eva_probe import ProbeConfig, train_linear_probes, train_probe_reference
+from pathrobust.probes.linear import ProbeConfig, train_linear_probes, train_probe_reference
 
 
 def _timed(fn):

@@ -43,7 +43,7 @@ def sklearn_fold(X_tr, Y_tr, X_te, Y_te):
 
 
 def main() -> None:
-    from pathrobust.metrics.regression import fit_predict_fold
+    from pathrobust.probes.ridge import fit_predict_fold
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=4000, help="train spots (IDC folds: ~3-4k)")

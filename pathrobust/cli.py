@@ -208,35 +208,83 @@ def reflow_help(doc: str) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: runs the app, turning UserError into one line + exit 2."""
-    import warnings
+def _click_modules() -> list:
+    """The click implementations this typer raises from: its vendored copy (typer >= 0.29)
+    and/or the click package."""
+    modules = []
+    try:
+        from typer import _click as vendored  # typer >= 0.29 ships its own click
 
-    import click
+        modules.append(vendored)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        modules.append(click)
+    except ImportError:
+        pass
+    return modules
+
+
+def _exception_classes(name: str) -> tuple[type, ...]:
+    found = []
+    for module in _click_modules():
+        exceptions = getattr(module, "exceptions", module)
+        cls = getattr(exceptions, name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def usage_line(exc: BaseException) -> str:
+    """One line for a click/typer usage error: which option or command, and what is wrong."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = " ".join(message.split())
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None and getattr(ctx, "command_path", None) else "pathrobust"
+    return f"{where}: {message} (see `{where} --help`)"
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on one stderr line; the message is printed literally (a path holding
+    ``[bold]`` or ``[/]`` is not rich markup)."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble(("error: ", "bold red"), " ".join(message.split())), soft_wrap=True,
+                      highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app; bad input (a UserError or a usage error) is
+    one line on stderr and exit status 2; Ctrl-C exits 130 with a resume hint."""
+    import warnings
 
     from pathrobust.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # CPU forward passes otherwise page-fault their activations every batch
     # Warnings are messages for the user, not for a developer: one line, no source location.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-    _load_commands()
+    exit_types = _exception_classes("Exit")
+    usage_types = _exception_classes("ClickException")
+    abort_types = _exception_classes("Abort")
     try:
+        _load_commands()
         app(args=argv, prog_name="pathrobust", standalone_mode=False)
     except UserError as exc:
         if _STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume")
+    except exit_types as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except usage_types as exc:
+        if _STATE["debug"]:
+            raise
+        print_error(usage_line(exc))
+        sys.exit(2 if getattr(exc, "exit_code", 2) in (1, 2) else exc.exit_code)
+    except (KeyboardInterrupt, *abort_types):
+        err_console.out("interrupted: rerun the same command to resume", highlight=False)
         sys.exit(130)
 
 

@@ -1,11 +1,13 @@
 """``pathrobust demo``: the whole mission, end to end, offline, on real H&E pixels.
 
-1. Build the synthetic PLISM-, HEST- and EVA-like datasets from the bundled CC0 Aperio slide.
+1. Build every demo suite's synthetic dataset from the bundled CC0 H&E (each suite's TOML
+   says, in ``[demo]``, the sizes it uses here and in the reduced ``quick`` setting).
 2. Distill a tiny ViT student from the ImageNet EfficientNet-Lite0 teacher (``distill/demo.toml``).
-3. Run the three suites on the teacher, the student, the student's random initialisation
+3. Run every demo suite on the teacher, the student, the student's random initialisation
    (what distillation added) and the colour-histogram floors.
 4. Write the leaderboard report and print a short table.
 
+The demo knows suites only through the registry: a suite with a ``[demo]`` table joins it.
 Every step reuses finished work: a second run only redoes what is missing.
 """
 
@@ -14,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pathrobust.registry import EncoderSpec, load_spec_dir, save_spec_dir
 
@@ -26,15 +27,9 @@ FLOORS = ("rgb-histogram", "hed-histogram")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of everything the demo builds; ``quick()`` is the reduced setting of the tests."""
+    """How big the demo is: ``reduced`` takes each suite's ``[demo.quick]`` setting (the tests')."""
 
-    plism_tiles_per_slide: int = 32
-    plism_stainings: tuple[str, ...] | None = None  # None: all 13
-    plism_scanners: tuple[str, ...] | None = None  # None: all 7
-    hest: dict[str, Any] = field(default_factory=dict)  # SynthHestConfig overrides
-    eva: dict[str, Any] = field(default_factory=dict)  # SynthEvaConfig overrides
-    eva_max_steps: int | None = None
-    eva_runs: int | None = None
+    reduced: bool = False
     distill_steps: int | None = None  # None: the recipe's
     recipe: str = "demo"
     batch_size: int = 64
@@ -42,22 +37,25 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(
-            plism_tiles_per_slide=12, plism_stainings=("GV", "HR", "MY"), plism_scanners=("AT2", "S60"),
-            hest={"samples_per_task": 2, "spots_per_sample": 24, "folds": 2, "tasks": ("SYNTH_A",)},
-            eva={"crc_train_per_class": 6, "crc_val_per_class": 3, "mhist_tiles": 30},
-            eva_max_steps=200, eva_runs=2, distill_steps=4, workers=0,
-        )
+        return cls(reduced=True, distill_steps=4, workers=0)
 
 
 @dataclass
 class DemoResult:
     out: Path
     models: list[str]
-    scores: dict[str, dict[str, float | None]]  # model -> suite -> score
+    suites: list[str]
+    scores: dict[str, dict[str, float | None]]  # model -> suite -> headline score
     report_html: Path
     report_md: Path
     seconds: float
+
+
+def demo_suites():
+    """The registered suites that declare a ``[demo]`` table, in their demo order."""
+    from pathrobust.suites.base import list_suites
+
+    return sorted((s for s in list_suites() if s.demo is not None), key=lambda s: (s.demo.order, s.name))
 
 
 def _student_floor(student_dir: Path, out: Path) -> Path:
@@ -74,35 +72,19 @@ def _student_floor(student_dir: Path, out: Path) -> Path:
 def run_demo(out: str | Path = "pathrobust-demo", config: DemoConfig = DemoConfig(), progress: bool = True,
              say: Callable[[str], None] = print) -> DemoResult:
     """Run the demo into ``out`` (see the module doc); returns the scores and report paths."""
-    from pathrobust.data.synth_eva import SynthEvaConfig, write_synth_eva
-    from pathrobust.data.synth_hest import SynthHestConfig, build_synth_hest
-    from pathrobust.data.synth_plism import SynthPlismConfig, synth_plism
     from pathrobust.distill.recipe import load_recipe
     from pathrobust.distill.trainer import distill
     from pathrobust.reports.build import write_report
-    from pathrobust.suites.eva import run_eva
-    from pathrobust.suites.hest import run_hest
-    from pathrobust.suites.plism import run_plism
+    from pathrobust.suites.base import headline, run_suite
 
     started = time.perf_counter()
     out = Path(out)
-    data, runs = out / "data", out / "runs"
+    runs = out / "runs"
+    suites = demo_suites()
+    settings = {s.name: s.demo.quick if config.reduced else s.demo.full for s in suites}
 
     say("1/4 synthetic data from the bundled H&E slide")
-    plism_cfg = SynthPlismConfig(tiles_per_slide=config.plism_tiles_per_slide)
-    if config.plism_stainings:
-        plism_cfg = dataclasses.replace(plism_cfg, stainings=tuple(config.plism_stainings))
-    if config.plism_scanners:
-        plism_cfg = dataclasses.replace(plism_cfg, scanners=tuple(config.plism_scanners))
-    plism_data = data / "plism"
-    if not plism_data.exists():
-        synth_plism(plism_data, plism_cfg, progress=progress)
-    hest_data = data / "hest"
-    if not hest_data.exists():
-        build_synth_hest(hest_data, SynthHestConfig.from_mapping(config.hest))
-    eva_data = data / "eva"
-    if not eva_data.exists():
-        write_synth_eva(eva_data, SynthEvaConfig(**config.eva))
+    data = {s.name: s.build_synthetic(out / "data" / s.name, settings[s.name].synthetic, progress) for s in suites}
 
     say("2/4 distilling a tiny ViT from the ImageNet EfficientNet-Lite0 teacher")
     student_dir = out / "student"
@@ -117,28 +99,14 @@ def run_demo(out: str | Path = "pathrobust-demo", config: DemoConfig = DemoConfi
     models = [TEACHER, str(student_dir), str(floor_dir), *FLOORS]
     names = {m: load_spec_dir(Path(m)).name if Path(m).is_dir() else m for m in models}
     scores: dict[str, dict[str, float | None]] = {names[m]: {} for m in models}
-    common = dict(batch_size=config.batch_size, progress=progress)
     for i, model in enumerate(models, 1):
         say(f"3/4 suites · {names[model]} ({i}/{len(models)})")
-        plism = run_plism(model=model, out=runs, data=plism_data, workers=config.workers, **common)
-        hest = run_hest(bench_root=hest_data, out=runs, model=model, num_workers=config.workers, **common)
-        eva = run_eva(model, eva_data, out=runs, workers=config.workers, n_runs=config.eva_runs,
-                      max_steps=config.eva_max_steps, **common)
-        scores[names[model]] = {
-            "plism": _get(plism, "leaderboard_unrounded"),
-            "hest": _get(hest, "average"),
-            "eva": _get(eva, "average"),
-        }
+        for suite in suites:
+            summary = run_suite(suite.name, model, data[suite.name], runs, batch_size=config.batch_size,
+                                workers=config.workers, progress=progress, **settings[suite.name].options)
+            scores[names[model]][suite.name] = headline(summary)
 
     say("4/4 leaderboard report")
     files = write_report(runs / "results.sqlite", out / "report")
-    return DemoResult(out, [names[m] for m in models], scores, files.html, files.markdown,
+    return DemoResult(out, [names[m] for m in models], [s.name for s in suites], scores, files.html, files.markdown,
                       time.perf_counter() - started)
-
-
-def _get(summary: dict[str, Any], key: str) -> float | None:
-    """A suite summary's headline score (each suite's summary.json names it)."""
-    value = summary.get(key)
-    if isinstance(value, dict):
-        value = value.get("balanced_accuracy_mean")
-    return None if value is None else float(value)

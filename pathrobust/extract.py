@@ -19,7 +19,6 @@ name and renamed; a finished file is never rewritten unless ``overwrite=True``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -32,7 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pathrobust import atomic
 from pathrobust.data.tiles import TileSource
+from pathrobust.devices import autocast, resolve_device, resolve_precision
 from pathrobust.encoders.base import Encoder, prepare_tile
 from pathrobust.errors import UserError
 from pathrobust.registry import EncoderSpec
@@ -54,36 +55,6 @@ class _PreparedTiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return prepare_tile(self.source.read(self.start + i), self.spec)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device, spec: EncoderSpec) -> str:
-    """``auto`` = the spec's recommended precision on CUDA, fp32 on CPU."""
-    if precision == "auto":
-        return spec.precision if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {precision}: expected auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16: not supported on CPU; use fp32 or bf16")
-    return precision
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def feature_attrs(encoder: Encoder, source: TileSource, precision: str) -> dict[str, Any]:
@@ -150,31 +121,26 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(feats, coords, ids, attrs)
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_feature_h5(path: Path, features: np.ndarray, coords: np.ndarray, tile_ids: list[str] | None,
                      attrs: dict[str, Any]) -> None:
     """Write a feature file atomically (temporary name, then rename). Deterministic bytes:
     no timestamps, attributes in sorted order."""
     import h5py
 
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=False) as f:
-        f.create_dataset("features", data=features.astype(np.float32, copy=False), track_times=False)
-        f.create_dataset("coords", data=coords.astype(np.int64, copy=False), track_times=False)
-        if tile_ids is not None:
-            f.create_dataset("tile_ids", data=np.array([t.encode() for t in tile_ids], dtype="S"), track_times=False)
-        for key in sorted(attrs):
-            value = attrs[key]
-            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) and key not in ("mean", "std") else value
-    os.replace(tmp, path)
+    if len(coords) != len(features) or (tile_ids is not None and len(tile_ids) != len(features)):
+        raise UserError(f"{path}: {len(features)} feature rows but {len(coords)} coords"
+                        + (f" and {len(tile_ids)} tile ids" if tile_ids is not None else "") + "; they must match")
+    with atomic.atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", track_order=False) as f:
+            f.create_dataset("features", data=features.astype(np.float32, copy=False), track_times=False)
+            f.create_dataset("coords", data=coords.astype(np.int64, copy=False), track_times=False)
+            if tile_ids is not None:
+                f.create_dataset("tile_ids", data=np.array([t.encode() for t in tile_ids], dtype="S"),
+                                 track_times=False)
+            for key in sorted(attrs):
+                value = attrs[key]
+                f.attrs[key] = (json.dumps(value) if isinstance(value, (dict, list)) and key not in ("mean", "std")
+                                else value)
 
 
 def extract_features(encoder: Encoder, source: TileSource, out_path: str | os.PathLike, *, batch_size: int = 64,
@@ -188,7 +154,7 @@ def extract_features(encoder: Encoder, source: TileSource, out_path: str | os.Pa
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
     dev = resolve_device(device)
-    precision = resolve_precision(precision, dev, encoder.spec)
+    precision = resolve_precision(precision, dev, encoder.spec.precision)
     attrs = feature_attrs(encoder, source, precision)
     if out_path.exists() and not overwrite:
         existing = read_attrs(out_path)
@@ -216,6 +182,46 @@ def extract_features(encoder: Encoder, source: TileSource, out_path: str | os.Pa
     return out_path
 
 
+class FeatureCache:
+    """The one feature cache of a suite run: ``<root>/<pooling>-<precision>-<key>/<name>.h5``.
+
+    ``key`` hashes the encoder's identity (spec hash, weights sha256, pooling, precision), so
+    another model, checkpoint, pooling or precision never reads these files. Each file is
+    made by :func:`extract_features` (batched, resumable, provenance in its attributes); a
+    file whose recorded source fingerprint no longer matches its source (the input changed)
+    is recomputed, never trusted."""
+
+    def __init__(self, root: str | os.PathLike, encoder: Encoder, precision: str, device: torch.device, *,
+                 batch_size: int = 64, workers: int = 0, progress: bool = True) -> None:
+        import hashlib
+
+        ident = json.dumps([encoder.spec.hash, encoder.weights_sha256 or "", encoder.pooling, precision])
+        key = hashlib.sha256(ident.encode()).hexdigest()[:8]
+        self.dir = Path(root) / f"{encoder.pooling.replace('+', '_')}-{precision}-{key}"
+        self.encoder, self.precision, self.device = encoder, precision, device
+        self.batch_size, self.workers, self.progress = batch_size, workers, progress
+
+    def path(self, name: str) -> Path:
+        """Where the features of the source called ``name`` go (``a/b`` makes sub-folders)."""
+        from pathrobust.store import safe_name
+
+        parts = [safe_name(p) for p in str(name).split("/") if p]
+        return self.dir.joinpath(*parts[:-1], parts[-1] + ".h5")
+
+    def embed(self, source: TileSource, name: str | None = None, overwrite: bool = False) -> Path:
+        """The feature file of ``source`` (extracting what is missing)."""
+        path = self.path(name or source.name)
+        if path.is_file() and not overwrite:
+            have = read_attrs(path).get("source_fingerprint")
+            overwrite = str(have) != str(source.fingerprint())
+        return extract_features(self.encoder, source, path, batch_size=self.batch_size, num_workers=self.workers,
+                                precision=self.precision, device=self.device, overwrite=overwrite,
+                                progress=self.progress)
+
+    def load(self, source: TileSource, name: str | None = None) -> FeatureFile:
+        return load_features(self.embed(source, name))
+
+
 def _resume_state(partial: Path, attrs: dict[str, Any], chunk: int, batch_size: int, overwrite: bool) -> list[Path]:
     """Finished chunk files of an earlier interrupted run with the same identity, else []."""
     manifest = {"identity": {k: str(attrs[k]) for k in IDENTITY_ATTRS}, "chunk": chunk, "batch_size": batch_size}
@@ -231,9 +237,7 @@ def _resume_state(partial: Path, attrs: dict[str, Any], chunk: int, batch_size: 
             pass
     shutil.rmtree(partial, ignore_errors=True)  # stale or different work: start over
     partial.mkdir(parents=True)
-    tmp = manifest_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, manifest_file)
+    atomic.write_text(manifest_file, json.dumps(manifest))
     return []
 
 
@@ -263,7 +267,7 @@ def _run_chunks(encoder: Encoder, source: TileSource, partial: Path, start_chunk
                 buffered += len(feats)
                 advance(len(feats))
                 if buffered >= chunk or start + (chunk_index - start_chunk) * chunk + buffered >= n:
-                    _atomic_save_npy(partial / f"{chunk_index:06d}.npy", np.concatenate(buffer))
+                    atomic.save_npy(partial / f"{chunk_index:06d}.npy", np.concatenate(buffer), fsync=True)
                     buffer, buffered, chunk_index = [], 0, chunk_index + 1
     encoder.tiles_embedded += n - start
     encoder.seconds_embedding += time.perf_counter() - started

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 DB_FILENAME = "results.sqlite"
-#: Bumped when the schema changes; stored in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: Bumped when the schema changes; stored in ``PRAGMA user_version``. v2 added ``synthetic``
+#: and ``variant`` (older databases are migrated in place).
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -41,7 +42,9 @@ CREATE TABLE IF NOT EXISTS runs (
     timings TEXT NOT NULL DEFAULT '{}',
     environment TEXT NOT NULL DEFAULT '{}',
     run_dir TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    synthetic INTEGER NOT NULL DEFAULT 0,
+    variant TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -51,6 +54,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS runs_suite_model ON runs(suite, model);
 """
+# Each step takes a database from version i (index) to i + 1.
+MIGRATIONS = {
+    1: ["ALTER TABLE runs ADD COLUMN synthetic INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN variant TEXT NOT NULL DEFAULT ''"],
+}
 
 
 def environment() -> dict[str, str]:
@@ -90,6 +98,8 @@ class RunRecord:
     run_dir: str = ""
     run_id: str = field(default_factory=lambda: new_run_id())
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    synthetic: bool = False  # measured on pathrobust's synthetic data, not the real benchmark
+    variant: str = ""  # the protocol options that depart from the reference ('' = reference)
 
 
 def new_run_id() -> str:
@@ -111,10 +121,16 @@ class ResultsDB:
                 raise UserError(f"{self.path}: results database schema v{version} is newer than this "
                                 f"pathrobust understands (v{SCHEMA_VERSION}); upgrade pathrobust")
             if version < SCHEMA_VERSION:
-                # One writer creates the schema; concurrent openers wait, then see it (idempotent DDL).
+                # One writer creates or migrates the schema; concurrent openers wait, then see it.
                 con.execute("BEGIN IMMEDIATE")
-                for statement in filter(str.strip, SCHEMA.split(";")):
-                    con.execute(statement)
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    for statement in filter(str.strip, SCHEMA.split(";")):
+                        con.execute(statement)
+                else:
+                    for step in range(version, SCHEMA_VERSION):
+                        for statement in MIGRATIONS[step]:
+                            con.execute(statement)
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 con.execute("COMMIT")
         finally:
@@ -142,26 +158,40 @@ class ResultsDB:
         return con
 
     def record(self, run: RunRecord) -> str:
-        """Insert (or replace) one run and its metrics in a single transaction."""
-        row = asdict(run)
-        metrics = row.pop("metrics")
-        for key in ("options", "timings", "environment"):
-            row[key] = json.dumps(row[key], sort_keys=True, default=str)
+        """Insert (or replace) one row and its metrics in a single transaction."""
+        self.record_many([run])
+        return run.run_id
+
+    def record_many(self, runs: list[RunRecord]) -> None:
+        """Insert (or replace) the rows of one run (one per task) in a single transaction."""
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
-            con.execute("DELETE FROM metrics WHERE run_id = ?", (run.run_id,))
-            cols = ", ".join(row)
-            con.execute(f"INSERT OR REPLACE INTO runs ({cols}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
-            con.executemany("INSERT INTO metrics (run_id, name, value) VALUES (?, ?, ?)",
-                            [(run.run_id, k, None if v is None else float(v)) for k, v in metrics.items()])
+            for run in runs:
+                row = asdict(run)
+                metrics = row.pop("metrics")
+                for key in ("options", "timings", "environment"):
+                    row[key] = json.dumps(row[key], sort_keys=True, default=str)
+                row["synthetic"] = int(bool(row["synthetic"]))
+                con.execute("DELETE FROM metrics WHERE run_id = ?", (run.run_id,))
+                cols = ", ".join(row)
+                con.execute(f"INSERT OR REPLACE INTO runs ({cols}) VALUES ({', '.join('?' * len(row))})",
+                            tuple(row.values()))
+                con.executemany("INSERT INTO metrics (run_id, name, value) VALUES (?, ?, ?)",
+                                [(run.run_id, k, _metric_value(k, v)) for k, v in metrics.items()])
             con.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            con.execute("ROLLBACK")
+            if "disk" in str(exc) or "full" in str(exc):
+                from pathrobust.atomic import no_space
+
+                raise no_space(self.path) from None
+            raise
         except BaseException:
             con.execute("ROLLBACK")
             raise
         finally:
             con.close()
-        return run.run_id
 
     def runs(self, suite: str | None = None) -> Iterator[RunRecord]:
         """Every recorded run (of one suite), oldest first."""
@@ -186,6 +216,7 @@ class ResultsDB:
             data = dict(r)
             for key in ("options", "timings", "environment"):
                 data[key] = json.loads(data[key])
+            data["synthetic"] = bool(data["synthetic"])
             yield RunRecord(metrics=metrics.get(data["run_id"], {}), **data)
 
 
@@ -205,6 +236,14 @@ class ResultsDB:
             con.close()
 
 
+def _metric_value(name: str, value: Any) -> float | None:
+    """A metric as stored: a finite float, or NULL for a documented exclusion (None or NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
 def safe_name(name: str) -> str:
     """A model name as a file or folder name (``+`` kept: ``cls+mean`` stays readable)."""
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name).strip("._") or "model"
@@ -216,8 +255,3 @@ def run_dir_for(out: str | os.PathLike, suite: str, model: str, run_id: str) -> 
     return Path(out) / suite / safe / run_id
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

@@ -6,7 +6,7 @@ import torch
 
 from pathrobust.metrics.classification import (balanced_accuracy, balanced_accuracy_batched, mean_std,
                                                predictions_from_logits)
-from pathrobust.suites.eva_probe import (ProbeConfig, patience_in_epochs, shared_input_logits, train_linear_probes,
+from pathrobust.probes.linear import (ProbeConfig, patience_in_epochs, shared_input_logits, train_linear_probes,
                                          train_probe_reference)
 
 

@@ -10,7 +10,7 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pathrobust.metrics import regression as R
+from pathrobust.probes import ridge as R
 
 
 def _data(n_train, n_test, d, g, seed=0):

@@ -40,6 +40,7 @@ from pathrobust.cache import cache_dir
 from pathrobust.data.eva import CRC_CLASSES, CRC_TRAIN_DIR, CRC_VAL_DIR
 from pathrobust.data.he import bundled_slide_rgb
 from pathrobust.data.slides import tissue_mask
+from pathrobust.data.synthetic import mark_synthetic
 from pathrobust.errors import UserError
 from pathrobust.stain import rgb_to_hed
 
@@ -227,6 +228,8 @@ def write_synth_eva(out: str | os.PathLike | None = None, config: SynthEvaConfig
                 _save(images / name, tile)
                 writer.writerow([name, label, 7 if label == "SSA" else 0, part])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        mark_synthetic(tmp, "synth-eva", asdict(config), note="CRC- and MHIST-like tasks from real CC0 H&E tiles; "
+                       "labels from measurable tissue properties, not the real datasets")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

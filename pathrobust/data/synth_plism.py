@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathrobust.cache import cache_dir
 from pathrobust.data.plism import SCANNERS, STAININGS, make_slide_id, make_tile_id
 from pathrobust.errors import UserError
 from pathrobust.stain import EPS, RGB_FROM_HED, rgb_to_hed
@@ -195,7 +194,7 @@ def synth_plism(out: str | os.PathLike, config: SynthPlismConfig = SynthPlismCon
                                  "stainer": staining, "scanner": scanner} for tid, png in zip(tile_ids, pngs)])
                     advance(n)
         writer.close()
-        info = {**asdict(config), "version": FORMAT_VERSION, "slides": len(slides), "rows": total,
+        info = {**asdict(config), "version": FORMAT_VERSION, "key": config.key(), "slides": len(slides), "rows": total,
                 "shards": writer.written, "source": "pathrobust data synth-plism (simulated stainings and scanners "
                 "on real CC0 H&E tiles of OpenSlide CMU-1; see pathrobust/data/assets/ATTRIBUTION.md)"}
         (tmp / DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -237,18 +236,28 @@ class _ShardWriter:
         self.written += 1
 
 
-def default_plism_data(config: SynthPlismConfig = SynthPlismConfig(), progress: bool = True) -> Path:
-    """The synthetic dataset used when no ``--data`` is given: built once into
-    ``$PATHROBUST_CACHE/synth-plism/<config key>/`` (default root ``~/.cache/pathrobust``)."""
-    path = cache_dir("synth-plism") / config.key()
-    if (path / DONE_MARKER).is_file():
-        return path
+def build_synthetic_plism(out: str | os.PathLike, config: SynthPlismConfig = SynthPlismConfig(),
+                          progress: bool = True) -> Path:
+    """The synthetic dataset of ``config`` at ``out``: reused when ``out`` already holds it
+    (same parameters), else (re)built. Marked synthetic (:mod:`pathrobust.data.synthetic`)."""
+    from pathrobust.data.synthetic import mark_synthetic
+
+    out = Path(out)
+    marker = out / DONE_MARKER
     try:
-        return synth_plism(path, config, overwrite=True, progress=progress)
+        if json.loads(marker.read_text()).get("key") == config.key():
+            return out
+    except (OSError, ValueError):
+        pass
+    try:
+        synth_plism(out, config, overwrite=True, progress=progress)
     except OSError:
-        if (path / DONE_MARKER).is_file():  # another process finished it first
-            return path
+        if marker.is_file():  # another process finished it first
+            return out
         raise
+    mark_synthetic(out, "synth-plism", asdict(config), note="simulated stainings and scanners on real CC0 H&E tiles; "
+                   "not the real PLISM slides")
+    return out
 
 
 def parse_names(value: str | None, known: Sequence[str], option: str) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pathrobust import atomic
 from pathrobust.reports.export import render_csv, render_json
 from pathrobust.reports.html import render_html
 from pathrobust.reports.markdown import render_markdown
@@ -28,12 +29,10 @@ class ReportFiles:
 
 
 def _write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if isinstance(data, bytes):
-        tmp.write_bytes(data)
+        atomic.write_bytes(path, data)
     else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+        atomic.write_text(path, data)
 
 
 def write_report(db_path: str | os.PathLike, out: str | os.PathLike, suites: Sequence[str] | None = None,

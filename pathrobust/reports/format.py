@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathrobust.reports.tables import Row
+from pathrobust.reports.tables import Report, Row
 
 DASH = "—"
 DIGITS = 4  # measured scores; published rows keep their source's precision
@@ -40,3 +40,28 @@ def ci(row: Row, digits: int = DIGITS) -> str:
 
 def short(value: str, n: int = 8) -> str:
     return value[:n] if value else DASH
+
+
+SYNTHETIC_NOTE = ("Rows marked synthetic were measured on pathrobust's synthetic data (real H&E pixels, "
+                  "simulated stainings, scanners and labels): they rank models on that data only and are not "
+                  "comparable with published results on the real benchmarks.")
+
+
+def data(row: Row) -> str:
+    """The Data cell: the fingerprint's first 8 hex digits, marked when synthetic."""
+    fp = short(row.data_fingerprint)
+    return f"synthetic {fp}" if row.synthetic else fp
+
+
+def role_column(report: Report, role: str) -> bool:
+    """Accuracy needs one accuracy suite; a robustness column only adds something with two or more
+    robustness suites (with one it repeats that suite's column)."""
+    return len(report.role_suites(role)) >= (1 if role == "accuracy" else 2)
+
+
+def role_note(report: Report, role: str) -> str:
+    names = [report.shorts[s] for s in report.role_suites(role)]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    have = "both" if len(names) == 2 else "all of them"
+    return (f"{role.capitalize()} = mean of the {listed} scores (shown only for rows that have {have})."
+            if len(names) > 1 else f"{role.capitalize()} = the {listed} score.")

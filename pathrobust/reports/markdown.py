@@ -19,31 +19,48 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def overall_cells(r: OverallRow, suites: list[str]) -> list[str]:
-    return ([fmt.text(r.rank), md_escape(r.model), md_escape(fmt.text(r.pooling)), md_escape(fmt.text(r.precision)),
-             fmt.text(r.input_size)] + [fmt.num(r.scores.get(s)) for s in suites]
-            + [fmt.num(r.accuracy), fmt.num(r.mean_rank, 2), fmt.params(r.params), fmt.rate(r.tiles_per_s)])
+def model_cell(r: Row | OverallRow) -> str:
+    """The model name, marked when measured on synthetic data or with a protocol variant."""
+    text = md_escape(r.model)
+    if getattr(r, "variant", ""):
+        text += f" [variant: {md_escape(r.variant)}]"
+    if r.synthetic:
+        text += " *(synthetic data)*"
+    return text
+
+
+def overall_cells(r: OverallRow, report: Report) -> list[str]:
+    cells = ([fmt.text(r.rank), model_cell(r), md_escape(fmt.text(r.pooling)), md_escape(fmt.text(r.precision)),
+              fmt.text(r.input_size)] + [fmt.num(r.scores.get(s)) for s in report.suites])
+    if fmt.role_column(report, "accuracy"):
+        cells.append(fmt.num(r.accuracy))
+    if fmt.role_column(report, "robustness"):
+        cells.append(fmt.num(r.robustness))
+    return cells + [fmt.num(r.mean_rank, 2), fmt.params(r.params), fmt.rate(r.tiles_per_s)]
 
 
 def overall_header(report: Report) -> list[str]:
-    return (["Rank", "Model", "Pooling", "Precision", "Input"] + [report.titles[s] for s in report.suites]
-            + ["Accuracy (HEST, EVA)", "Mean rank", "Params", "Tiles/s"])
+    header = ["Rank", "Model", "Pooling", "Precision", "Input"] + [report.titles[s] for s in report.suites]
+    for role in ("accuracy", "robustness"):
+        if fmt.role_column(report, role):
+            header.append(f"{role.capitalize()} ({', '.join(report.shorts[s] for s in report.role_suites(role))})")
+    return header + ["Mean rank", "Params", "Tiles/s"]
 
 
 def _measured_cells(board: SuiteBoard, r: Row) -> list[str]:
-    cells = [fmt.text(r.rank), md_escape(r.model), md_escape(fmt.text(r.pooling)), md_escape(fmt.text(r.precision)),
+    cells = [fmt.text(r.rank), model_cell(r), md_escape(fmt.text(r.pooling)), md_escape(fmt.text(r.precision)),
              fmt.text(r.input_size), fmt.num_std(r.score, r.stds.get("_score"))]
     cells += [fmt.num_std(r.values.get(c.key), r.stds.get(c.key)) for c in board.columns]
-    if board.suite == "plism":
+    if board.ci:
         cells.append(fmt.ci(r))
     cells += [fmt.params(r.params), fmt.rate(r.tiles_per_s), md_escape(fmt.text(r.protocol)),
-              md_escape(fmt.short(r.data_fingerprint)), md_escape(fmt.text(r.run_id))]
+              md_escape(fmt.data(r)), md_escape(fmt.text(r.run_id))]
     return cells
 
 
 def _measured_header(board: SuiteBoard) -> list[str]:
     header = ["Rank", "Model", "Pooling", "Precision", "Input", board.score_label] + [c.label for c in board.columns]
-    if board.suite == "plism":
+    if board.ci:
         header.append("95% CI")
     return header + ["Params", "Tiles/s", "Protocol options", "Data", "Run"]
 
@@ -77,11 +94,14 @@ def render_markdown(report: Report) -> str:
     lines = ["# pathrobust leaderboard", "",
              "Measured rows come from the results database; rows differing in pooling, precision, input size, "
              "protocol options or data are distinct. Published rows are marked as such and kept in their own tables.",
-             "", "## Overall", "",
-             "One row per (model, pooling, precision, input size); ranked by mean rank over the suites it ran. "
-             "Accuracy = mean of the HEST and EVA scores (shown only for rows that have both).", ""]
+             ""]
+    if report.synthetic:
+        lines += [f"**{fmt.SYNTHETIC_NOTE}**", ""]
+    lines += ["## Overall", "", "One row per (model, pooling, precision, input size); ranked by mean rank over the "
+              "suites it ran." + "".join(" " + fmt.role_note(report, role) for role in ("accuracy", "robustness")
+                                         if fmt.role_column(report, role)), ""]
     if report.overall:
-        lines += _table(overall_header(report), [overall_cells(r, report.suites) for r in report.overall])
+        lines += _table(overall_header(report), [overall_cells(r, report) for r in report.overall])
     else:
         lines.append("No runs recorded.")
     lines.append("")

@@ -13,10 +13,15 @@ Rules:
   measured rows. For task suites their score is the mean over the tasks measured here when
   those are a subset of the published ones (so the comparison is like for like), else the
   published average.
-* Overall: one row per (model, pooling, precision, input size), each suite's score from that
-  key's latest run (ties: the larger run id); "accuracy" is the mean of the HEST and EVA scores
-  (of those suites the report shows; "—" unless the row has all of them); rows are
-  ranked by their mean rank over the suites they appear in (more suites first on ties).
+* Overall: one row per (model, pooling, precision, input size, synthetic data or not), each
+  suite's score from that key's latest run (ties: the larger run id); "accuracy" is the mean
+  of the scores of the suites whose leaderboard role is accuracy, "robustness" of those whose
+  role is robustness (of the suites the report shows; "—" unless the row has all of them);
+  rows are ranked by their mean rank over the suites they appear in (more suites first on ties).
+* Rows measured on pathrobust's synthetic data carry ``synthetic=True``; every writer labels
+  them, and plots never put them on the axes of published (real-benchmark) results.
+
+Suites are known only through their declared leaderboards (:mod:`.definitions`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pathrobust.errors import UserError
-from pathrobust.reports.definitions import (Column, LeaderboardDef, PublishedSuite, leaderboard_defs,
-                                            published_results)
+from pathrobust.reports.definitions import Column, LeaderboardSpec, PublishedSuite, leaderboard_defs, published_results
 from pathrobust.store import RunRecord
-
-ACCURACY_SUITES = ("hest", "eva")
-ROBUSTNESS_SUITE = "plism"
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Row:
     environment: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float | None] = field(default_factory=dict)  # measured: every metric of the ranked record
     source: str = ""  # published rows: where the numbers come from
+    synthetic: bool = False  # measured on pathrobust's synthetic data
+    variant: str = ""  # protocol options departing from the reference
 
     @property
     def protocol(self) -> str:
@@ -84,6 +87,10 @@ class SuiteBoard:
     published_digits: int = 3
     published_score_note: str = ""
     score_label: str = "Score"
+    role: str = "accuracy"
+    short: str = ""
+    ci: bool = False
+    spec: LeaderboardSpec | None = None
 
 
 @dataclass
@@ -99,6 +106,8 @@ class OverallRow:
     mean_rank: float | None = None
     rank: int | None = None
     tiles_per_s: float | None = None
+    robustness: float | None = None
+    synthetic: bool = False
 
 
 @dataclass
@@ -108,6 +117,16 @@ class Report:
     published_overall: list[OverallRow]
     suites: list[str]
     titles: dict[str, str]
+    roles: dict[str, str] = field(default_factory=dict)
+    shorts: dict[str, str] = field(default_factory=dict)
+
+    def role_suites(self, role: str) -> list[str]:
+        return [s for s in self.suites if self.roles.get(s) == role]
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether any measured row ran on synthetic data."""
+        return any(r.synthetic for b in self.boards for r in b.rows)
 
 
 def _compact(value: Any) -> str:
@@ -132,7 +151,7 @@ def _group_id(rec: RunRecord) -> str:
 
 def _config_key(rec: RunRecord) -> tuple:
     return (rec.model, rec.pooling, rec.precision, rec.input_size,
-            json.dumps(dict(rec.options), sort_keys=True, default=str), rec.data_fingerprint)
+            json.dumps(dict(rec.options), sort_keys=True, default=str), rec.data_fingerprint, rec.synthetic)
 
 
 def _base_row(rec: RunRecord, group: list[RunRecord]) -> Row:
@@ -143,7 +162,8 @@ def _base_row(rec: RunRecord, group: list[RunRecord]) -> Row:
                wall_s=max((w for w in walls if w is not None), default=None), options=dict(rec.options),
                data_fingerprint=rec.data_fingerprint, spec_hash=rec.spec_hash, weights_sha256=rec.weights_sha256,
                run_id=rec.run_id.split(":")[0], run_dir=rec.run_dir,
-               created_at=max(r.created_at for r in group), environment=dict(rec.environment))
+               created_at=max(r.created_at for r in group), environment=dict(rec.environment),
+               synthetic=bool(rec.synthetic), variant=rec.variant)
 
 
 def _latest_groups(records: list[RunRecord]) -> list[list[RunRecord]]:
@@ -160,14 +180,16 @@ def _latest_groups(records: list[RunRecord]) -> list[list[RunRecord]]:
     return list(latest.values())
 
 
-def _rank(rows: list[Row]) -> list[Row]:
-    rows.sort(key=lambda r: (r.score is None, -(r.score or 0.0), r.model, r.pooling, r.precision, r.run_id))
+def _rank(rows: list[Row], d: LeaderboardSpec) -> list[Row]:
+    sign = -1.0 if d.direction == "higher" else 1.0
+    rows.sort(key=lambda r: (r.score is None, sign * (r.score or 0.0), r.model, r.pooling, r.precision, r.run_id))
     for i, row in enumerate(rows):
         row.rank = i + 1 if row.score is not None else None
     return rows
 
 
-def _metrics_board(d: LeaderboardDef, records: list[RunRecord], published: PublishedSuite | None) -> SuiteBoard:
+def _metrics_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
+                   published: PublishedSuite | None) -> SuiteBoard:
     rows = []
     for group in _latest_groups(records):
         rec = next((r for r in group if not r.task), group[0])
@@ -185,15 +207,16 @@ def _metrics_board(d: LeaderboardDef, records: list[RunRecord], published: Publi
             pub_rows.append(Row(kind="published", model=p.model, pooling=p.pooling, params=p.params,
                                 score=p.values.get(d.rank_metric), source=p.source,
                                 values={c.key: p.values.get(c.key) for c in d.columns}))
-    label = next((c.label for c in d.columns if c.key == d.rank_metric), d.rank_metric)
     columns = [c for c in d.columns if c.key != d.rank_metric]
-    return SuiteBoard(d.suite, d.title, d.rule, columns, _rank(rows), _rank(pub_rows), columns,
+    return SuiteBoard(suite, d.title, d.rule, columns, _rank(rows, d), _rank(pub_rows, d), columns,
                       published.source if published else "", published.protocol if published else "",
-                      published.digits if published else 3, score_label=label)
+                      published.digits if published else 3, score_label=d.score_label, role=d.role,
+                      short=d.short, ci=bool(d.ci), spec=d)
 
 
-def _tasks_board(d: LeaderboardDef, records: list[RunRecord], published: PublishedSuite | None) -> SuiteBoard:
-    rows, measured_tasks = [], set()
+def _tasks_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
+                 published: PublishedSuite | None) -> SuiteBoard:
+    rows, measured_tasks, real_tasks = [], set(), set()
     for group in _latest_groups(records):
         rank_rec = next((r for r in group if r.task == d.rank_task), None)
         row = _base_row(rank_rec or group[0], group)
@@ -204,6 +227,8 @@ def _tasks_board(d: LeaderboardDef, records: list[RunRecord], published: Publish
             row.values[task] = _finite(rec.metrics.get(d.task_metric))
             row.stds[task] = _finite(rec.metrics.get(d.task_std))
             measured_tasks.add(task)
+            if not rec.synthetic:
+                real_tasks.add(task)
         if rank_rec is not None:
             row.score = _finite(rank_rec.metrics.get(d.task_metric))
             row.stds["_score"] = _finite(rank_rec.metrics.get(d.task_std))
@@ -216,7 +241,8 @@ def _tasks_board(d: LeaderboardDef, records: list[RunRecord], published: Publish
     if published:
         pub_tasks = {t for p in published.rows for t in p.values if t != d.rank_task}
         pub_columns = [Column(t, t) for t in sorted(pub_tasks, key=d.task_sort_key)]
-        compare = sorted((measured_tasks - set(d.excluded)), key=d.task_sort_key)
+        # like for like: the real benchmark's tasks measured here (synthetic tasks are not those)
+        compare = sorted(((real_tasks & pub_tasks) - set(d.excluded)), key=d.task_sort_key)
         all_ranked = {t for t in pub_tasks if t not in d.excluded}
         use_subset = bool(compare) and set(compare) != all_ranked
         if use_subset:
@@ -232,10 +258,10 @@ def _tasks_board(d: LeaderboardDef, records: list[RunRecord], published: Publish
                     p.values.get(t) for t in all_ranked)
             pub_rows.append(Row(kind="published", model=p.model, pooling=p.pooling, params=p.params, score=score,
                                 source=p.source, values={c.key: p.values.get(c.key) for c in pub_columns}))
-    return SuiteBoard(d.suite, d.title, d.rule, columns, _rank(rows), _rank(pub_rows), pub_columns,
+    return SuiteBoard(suite, d.title, d.rule, columns, _rank(rows, d), _rank(pub_rows, d), pub_columns,
                       published.source if published else "", published.protocol if published else "",
                       published.digits if published else 3, published_score_note=note,
-                      score_label=d.rank_task.capitalize() or "Score")
+                      score_label=d.score_label, role=d.role, short=d.short, spec=d)
 
 
 def _overall(boards: list[SuiteBoard]) -> list[OverallRow]:
@@ -243,8 +269,8 @@ def _overall(boards: list[SuiteBoard]) -> list[OverallRow]:
     stamps: dict[tuple, dict[str, tuple[str, str]]] = {}
     for board in boards:
         for r in board.rows:
-            key = (r.model, r.pooling, r.precision, r.input_size)
-            row = rows.setdefault(key, OverallRow(r.model, r.pooling, r.precision, r.input_size))
+            key = (r.model, r.pooling, r.precision, r.input_size, r.synthetic)
+            row = rows.setdefault(key, OverallRow(r.model, r.pooling, r.precision, r.input_size, synthetic=r.synthetic))
             stamp = (r.created_at, r.run_id)  # the latest run; run id breaks ties deterministically
             if stamp > stamps.setdefault(key, {}).get(board.suite, ("", "")):
                 stamps[key][board.suite] = stamp
@@ -252,23 +278,31 @@ def _overall(boards: list[SuiteBoard]) -> list[OverallRow]:
                 row.params = row.params or r.params
                 if row.tiles_per_s is None:
                     row.tiles_per_s = r.tiles_per_s
-    return _rank_overall(list(rows.values()), [b.suite for b in boards])
+    return _rank_overall(list(rows.values()), boards)
 
 
-def _rank_overall(rows: list[OverallRow], suites: list[str]) -> list[OverallRow]:
+def _role_mean(row: OverallRow, suites: list[str]) -> float | None:
+    """Comparable only over the same suites: every suite of the role in the report, or none."""
+    values = [row.scores.get(s) for s in suites]
+    return _mean(values) if values and None not in values else None
+
+
+def _rank_overall(rows: list[OverallRow], boards: list[SuiteBoard]) -> list[OverallRow]:
     ranks: dict[int, list[int]] = {id(r): [] for r in rows}
-    for suite in suites:
-        scored = sorted((r for r in rows if r.scores.get(suite) is not None), key=lambda r: -r.scores[suite])
+    for board in boards:
+        sign = -1.0 if board.spec is None or board.spec.direction == "higher" else 1.0
+        scored = sorted((r for r in rows if r.scores.get(board.suite) is not None),
+                        key=lambda r: sign * r.scores[board.suite])
         for i, r in enumerate(scored):
             ranks[id(r)].append(i + 1)
-    accuracy_suites = [s for s in ACCURACY_SUITES if s in suites]
+    accuracy = [b.suite for b in boards if b.role == "accuracy"]
+    robustness = [b.suite for b in boards if b.role == "robustness"]
     for r in rows:
-        # Comparable only over the same suites: every accuracy suite of the report, or none.
-        acc = [r.scores.get(s) for s in accuracy_suites]
-        r.accuracy = _mean(acc) if acc and None not in acc else None
+        r.accuracy = _role_mean(r, accuracy)
+        r.robustness = _role_mean(r, robustness)
         r.mean_rank = _mean(ranks[id(r)])
     rows.sort(key=lambda r: (r.mean_rank is None, r.mean_rank or 0.0, -len(ranks[id(r)]), r.model, r.pooling,
-                             r.precision, r.input_size or 0))
+                             r.precision, r.input_size or 0, r.synthetic))
     for i, r in enumerate(rows):
         r.rank = i + 1 if r.mean_rank is not None else None
     return rows
@@ -284,7 +318,7 @@ def _published_overall(boards: list[SuiteBoard]) -> list[OverallRow]:
             row = rows.setdefault(r.model, OverallRow(r.model, "cls", "", None, kind="published"))
             row.scores.setdefault(board.suite, r.score)
             row.params = row.params or r.params
-    return _rank_overall([r for r in rows.values() if len(r.scores) > 0], [b.suite for b in boards])
+    return _rank_overall([r for r in rows.values() if len(r.scores) > 0], boards)
 
 
 def build_report(records: Iterable[RunRecord], suites: Sequence[str] | None = None,
@@ -306,6 +340,7 @@ def build_report(records: Iterable[RunRecord], suites: Sequence[str] | None = No
     for suite in chosen:
         d = defs[suite]
         make = _metrics_board if d.kind == "metrics" else _tasks_board
-        boards.append(make(d, by_suite.get(suite, []), published.get(suite)))
+        boards.append(make(suite, d, by_suite.get(suite, []), published.get(suite)))
     return Report(boards=boards, overall=_overall(boards), published_overall=_published_overall(boards),
-                  suites=chosen, titles={s: defs[s].title for s in chosen})
+                  suites=chosen, titles={s: defs[s].title for s in chosen}, roles={s: defs[s].role for s in chosen},
+                  shorts={s: defs[s].short for s in chosen})

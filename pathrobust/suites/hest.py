@@ -3,8 +3,8 @@
 ``run_hest`` takes a hest-bench root (see :mod:`pathrobust.data.hest`) and either an encoder
 (embeddings computed through the shared resumable extractor and stored in HEST's cache
 layout, ``<embed_root>/<TASK>/<encoder>/<sample_id>.h5``) or an existing HEST embedding
-cache. Per fold it runs :func:`pathrobust.metrics.regression.fit_predict_fold` with the
-parameters of ``configs/suites/hest.toml``; a task's score is the mean (± population std)
+cache. Per fold it runs :func:`pathrobust.probes.ridge.fit_predict_fold` with the
+parameters of ``suites/hest.toml``; a task's score is the mean (± population std)
 of its folds' mean Pearson, a gene's score the mean over folds, the leaderboard number the
 unweighted mean over tasks (HEST ``merge_fold_results`` and ``benchmark_grid``).
 
@@ -15,11 +15,6 @@ pooling — are recorded in the run's config, provenance and every results-DB ro
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import os
-import shutil
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,34 +22,81 @@ from typing import Any
 
 import numpy as np
 
+from pathrobust.config import at_least, non_empty, positive
 from pathrobust.data import hest as H
 from pathrobust.errors import UserError
 from pathrobust.metrics import regression as R
+from pathrobust.probes import ridge as ridge_probe
 from pathrobust.store import safe_name
-from pathrobust.suites.base import SuiteRun, encoder_record_fields
+from pathrobust.suites.base import (Features, FeaturesMode, RunContext, Suite, SuiteResult, TaskRow, option,
+                                   register_suite)
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "suites" / "hest.toml"
 SUITE = "hest"
 
 
-def load_protocol(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The suite TOML (``[protocol]``, ``[alpha_cv]``, ``[synthetic]``)."""
-    p = Path(path) if path else CONFIG
-    try:
-        return tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{p}: suite config not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{p}: not valid TOML ({exc})") from None
+# -- the protocol (suites/hest.toml) -----------------------------------------------------------
+@dataclass(frozen=True)
+class RidgeProtocol:
+    tasks: list[str]
+    gene_list: str
+    log1p: bool
+    pca_components: int = field(metadata=positive())
+    pca_random_state: int
+    alpha_numerator: float = field(metadata=positive())
+    ridge_tol: float = field(metadata=positive())
+    ridge_max_iter: int = field(metadata=positive())
+
+
+@dataclass(frozen=True)
+class AlphaCV:
+    alphas: list[float] = field(metadata={**non_empty(), "check": lambda v: None if v and min(v) > 0
+                                          else f"must be positive numbers, got {v}"})
+    inner_folds: int = field(metadata=at_least(2))
+
+
+@dataclass(frozen=True)
+class SyntheticHest:
+    tasks: list[str] = field(metadata={**non_empty(), "flag": "--tasks", "help": "Task folders to write."})
+    samples_per_task: int = field(metadata={**at_least(2), "flag": "--samples",
+                                            "help": "Samples (patients) per task; a multiple of --folds."})
+    folds: int = field(metadata={**at_least(1), "help": "Folds per task."})
+    spots_per_sample: int = field(metadata={**at_least(10), "flag": "--spots", "help": "Spots per sample."})
+    genes: int = field(metadata={**at_least(2), "help": "Genes (written as var_50genes.json, HEST's file name)."})
+    tile_size: int = field(metadata={**at_least(16), "help": "Patch side in pixels (HEST: 224)."})
+    noise: float = field(metadata=positive())
+    sample_effect: float = field(metadata=positive())
+    stain_jitter: float = field(metadata=positive())
+    base_log_rate: float
+    seed: int = field(metadata={"help": "Random seed."})
+
+
+@dataclass(frozen=True)
+class HestProtocol:
+    protocol: RidgeProtocol
+    alpha_cv: AlphaCV
+    synthetic: SyntheticHest
+
+
+def _split_tasks(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
 @dataclass(frozen=True)
 class HestOptions:
-    """How this run departs from (or keeps) the reference protocol."""
+    """How this run departs from (or keeps) the reference protocol, and what it reads."""
 
-    alpha: str = "reference"   # "reference", "cv" or a number
-    pca: bool = True
-    pooling: str | None = None
+    alpha: str = option("--alpha", "Ridge alpha: 'reference' (100/(n_features*n_genes), HEST), 'cv' (inner "
+                        "patient-grouped CV over the grid in suites/hest.toml) or a number.", "reference")
+    pca: bool = option("--no-pca", "Ridge on the raw embeddings (HEST dimreduce=None: no scaler, no PCA) instead "
+                       "of StandardScaler+PCA(256).", True, invert=True)
+    pooling: str | None = None  # recorded on the rows; set from the encoder (or the cache) by the suite
+    tasks: tuple[str, ...] | None = option("--tasks", "Comma-separated tasks (default: the leaderboard tasks the "
+                                           "data holds, else every task folder).", parse=_split_tasks,
+                                           variant=False)
+    encoder_name: str | None = option("--encoder-name", "With --embeddings: the <encoder> folder to read "
+                                      "(default: the only one).", variant=False)
+    embed_dir: Path | None = option("--embed-dir", "With --model: where the HEST-layout embedding files go "
+                                    "(default OUT/hest-embeddings).", parse=Path, variant=False)
 
     def __post_init__(self) -> None:
         if self.alpha not in ("reference", "cv"):
@@ -83,7 +125,7 @@ class HestOptions:
 class TaskResult:
     task: str
     genes: tuple[str, ...]
-    folds: list[R.FoldScore]
+    folds: list[ridge_probe.FoldScore]
     fold_alphas: list[float] = field(default_factory=list)
 
     @property
@@ -112,42 +154,30 @@ def encoder_folder(encoder, precision: str) -> str:
     return name
 
 
-def embed_task(encoder, task: H.HestTask, embed_root: Path, folder: str, *, batch_size: int = 64,
-               num_workers: int = 0, precision: str = "auto", device: str = "auto", overwrite: bool = False,
-               progress: bool = True) -> None:
-    """Embed every sample of ``task`` into ``<embed_root>/<TASK>/<folder>/<sample_id>.h5``.
-
-    Forward passes go through :func:`pathrobust.extract.extract_features` (batched, resumable:
-    an interrupted sample continues from its finished chunks under ``.extract/``); the result
-    is then rewritten in HEST's layout with the extractor's provenance as attributes. A sample
-    whose HEST file already holds the same model/weights/pooling/precision/tiles is skipped."""
+def export_task(ctx: RunContext, task: H.HestTask, embed_root: Path, folder: str) -> None:
+    """Embed every sample of ``task`` through the run's feature cache and write it in HEST's
+    layout, ``<embed_root>/<TASK>/<folder>/<sample_id>.h5`` (what HEST's own code and
+    ``--embeddings`` read). An export that already holds these features is left as it is."""
     from pathrobust.data.tiles import H5Tiles
-    from pathrobust.extract import IDENTITY_ATTRS, extract_features, feature_attrs, load_features, resolve_device, \
-        resolve_precision
+    from pathrobust.extract import IDENTITY_ATTRS, load_features, read_attrs
 
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev, encoder.spec)
     for sample in task.samples:
         out = H.embedding_path(embed_root, task.name, folder, sample.sample_id)
         source = H5Tiles(sample.patches_path, name=sample.sample_id)
-        want = {k: str(v) for k, v in feature_attrs(encoder, source, prec).items() if k in IDENTITY_ATTRS}
-        if out.is_file() and not overwrite:
+        cached = ctx.cache.embed(source, f"{task.name}/{sample.sample_id}")
+        want = {k: str(v) for k, v in read_attrs(cached).items() if k in IDENTITY_ATTRS}
+        if out.is_file() and not ctx.overwrite:
             have = H.read_embeddings(out).attrs
-            diff = [k for k in IDENTITY_ATTRS if str(have.get(k)) != want[k]]
+            diff = [k for k in IDENTITY_ATTRS if str(have.get(k)) != want.get(k)]
             if not diff:
                 continue
-            raise UserError(f"{out}: already holds embeddings with a different {', '.join(diff)}; "
-                            "pass --overwrite or another --embed-dir")
-        work = out.parent / ".extract" / out.name
-        work.parent.mkdir(parents=True, exist_ok=True)
-        extract_features(encoder, source, work, batch_size=batch_size, num_workers=num_workers, precision=prec,
-                         device=dev, overwrite=overwrite, progress=progress)
-        feats = load_features(work)
+            if any(k != "source_fingerprint" for k in diff):
+                raise UserError(f"{out}: already holds embeddings with a different {', '.join(diff)}; "
+                                "pass --overwrite or another --embed-dir")
+        feats = load_features(cached)
         if feats.tile_ids is None:
             raise UserError(f"{sample.patches_path}: no 'barcode' dataset; HEST patches need one barcode per patch")
         H.write_embeddings(out, feats.features, feats.tile_ids, feats.coords, feats.attrs)
-        work.unlink()
-    shutil.rmtree(embed_root / task.name / folder / ".extract", ignore_errors=True)
 
 
 def resolve_encoder_folder(embed_root: Path, tasks: Sequence[H.HestTask], encoder_name: str | None) -> str:
@@ -182,13 +212,13 @@ def _sample_data(task: H.HestTask, sample: H.HestSample, embed_root: Path, folde
     return emb.embeddings, Y
 
 
-def evaluate_task(task: H.HestTask, embed_root: Path, folder: str, protocol: dict[str, Any],
+def evaluate_task(task: H.HestTask, embed_root: Path, folder: str, protocol: HestProtocol,
                   options: HestOptions, *, check_patches: bool = True, progress: bool = True) -> TaskResult:
     """Every fold of ``task`` on the cached embeddings (see module doc)."""
     from pathrobust.progress import tile_progress
 
-    proto, cv = protocol["protocol"], protocol["alpha_cv"]
-    data = {s.sample_id: _sample_data(task, s, embed_root, folder, proto["log1p"], check_patches)
+    proto, cv = protocol.protocol, protocol.alpha_cv
+    data = {s.sample_id: _sample_data(task, s, embed_root, folder, proto.log1p, check_patches)
             for s in task.samples}
     dims = {x.shape[1] for x, _ in data.values()}
     if len(dims) != 1:
@@ -200,20 +230,22 @@ def evaluate_task(task: H.HestTask, embed_root: Path, folder: str, protocol: dic
             Y_tr = np.concatenate([data[s.sample_id][1] for s in fold.train])
             X_te = np.concatenate([data[s.sample_id][0] for s in fold.test])
             Y_te = np.concatenate([data[s.sample_id][1] for s in fold.test])
-            common = dict(pca=options.pca, n_components=proto["pca_components"],
-                          random_state=proto["pca_random_state"])
+            common = dict(pca=options.pca, n_components=proto.pca_components,
+                          random_state=proto.pca_random_state)
             if options.alpha == "cv":
                 groups = np.concatenate([[s.sample_id] * len(data[s.sample_id][0]) for s in fold.train])
                 if len(set(groups)) < 2:
                     raise UserError(f"--alpha cv: fold {fold.index} of {task.name} has one train sample; "
                                     "grouped cross-validation needs at least 2")
-                alpha, _ = R.choose_alpha_cv(X_tr, Y_tr, groups, cv["alphas"], n_splits=cv["inner_folds"], **common)
+                alpha, _ = ridge_probe.choose_alpha_cv(X_tr, Y_tr, groups, cv.alphas, n_splits=cv.inner_folds,
+                                                       **common)
             elif options.alpha == "reference":
                 alpha = None
             else:
                 alpha = float(options.alpha)
-            score = R.fit_predict_fold(X_tr, Y_tr, X_te, Y_te, alpha=alpha, alpha_numerator=proto["alpha_numerator"],
-                                       tol=proto["ridge_tol"], max_iter=proto["ridge_max_iter"], **common)
+            score = ridge_probe.fit_predict_fold(X_tr, Y_tr, X_te, Y_te, alpha=alpha,
+                                                 alpha_numerator=proto.alpha_numerator, tol=proto.ridge_tol,
+                                                 max_iter=proto.ridge_max_iter, **common)
             score.predictions = None  # not kept: a fold's predictions are as large as its targets
             folds.append(score)
             alphas.append(score.alpha)
@@ -221,27 +253,7 @@ def evaluate_task(task: H.HestTask, embed_root: Path, folder: str, protocol: dic
     return TaskResult(task.name, task.genes, folds, alphas)
 
 
-def _cache_attrs(embed_root: Path, task: H.HestTask, folder: str) -> dict[str, Any]:
-    first = H.embedding_path(embed_root, task.name, folder, task.samples[0].sample_id)
-    return H.read_embeddings(first).attrs
-
-
 # -- the run -------------------------------------------------------------------------------
-def data_fingerprint(tasks: Sequence[H.HestTask]) -> str:
-    """Hash of what defines the benchmark: split CSVs, gene lists, and the patch/expression
-    files' names and sizes."""
-    h = hashlib.sha256()
-    for task in tasks:
-        h.update(task.name.encode())
-        h.update("\0".join(task.genes).encode())
-        for csv_file in sorted((task.root / "splits").glob("*.csv")):
-            h.update(csv_file.name.encode() + csv_file.read_bytes())
-        for s in task.samples:
-            for p in (s.patches_path, s.expr_path):
-                h.update(f"{p.name}:{p.stat().st_size if p.exists() else -1}".encode())
-    return h.hexdigest()[:16]
-
-
 def select_tasks(bench_root: Path, names: Sequence[str] | None, gene_list: str, require_patches: bool = True,
                  leaderboard: Sequence[str] = ()) -> list[H.HestTask]:
     """The tasks to run: ``names``; by default the leaderboard tasks the root holds (so a
@@ -255,120 +267,139 @@ def select_tasks(bench_root: Path, names: Sequence[str] | None, gene_list: str, 
     return [H.load_task(bench_root / t, gene_list, require_patches=require_patches) for t in chosen]
 
 
-def write_tables(run_dir: Path, results: Sequence[TaskResult]) -> None:
-    """``folds.csv`` (task, fold, pearson_mean, alpha, n_components, n_train, n_test) and
-    ``genes.csv`` (task, gene, pearson_mean, pearson per fold), written atomically."""
+def write_tables(results: Sequence[TaskResult]) -> dict[str, Any]:
+    """``folds`` (task, fold, pearson_mean, alpha, n_components, n_train, n_test) and ``genes``
+    (task, gene, pearson_mean, pearson per fold) as DataFrames."""
+    import pandas as pd
+
     rows = [{"task": r.task, "fold": i, "pearson_mean": f.mean, "alpha": f.alpha, "n_components": f.n_components,
              "n_train": f.n_train, "n_test": f.n_test, "lsqr_iterations": f.lsqr_iterations}
             for r in results for i, f in enumerate(r.folds)]
-    _write_csv(run_dir / "folds.csv", rows)
     gene_rows = []
     for r in results:
         for g, gene in enumerate(r.genes):
             row = {"task": r.task, "gene": gene, "pearson_mean": float(r.per_gene[g])}
             row.update({f"fold{i}": float(f.pearson[g]) for i, f in enumerate(r.folds)})
             gene_rows.append(row)
-    _write_csv(run_dir / "genes.csv", gene_rows)
+    return {"folds": pd.DataFrame(rows), "genes": pd.DataFrame(gene_rows)}
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+@dataclass
+class HestData:
+    root: Path
+    tasks: list[H.HestTask]
 
 
-def run_hest(*, bench_root: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-             embeddings: str | os.PathLike | None = None, encoder_name: str | None = None,
-             tasks: Sequence[str] | None = None, options: HestOptions = HestOptions(), weights: str | None = None,
-             embed_dir: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 0,
-             precision: str = "auto", device: str = "auto", overwrite: bool = False, progress: bool = True,
-             db_path: str | os.PathLike | None = None, protocol: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the suite (see module doc) and return its summary (also in ``summary.json``)."""
-    from pathrobust.store import RunRecord
+@register_suite
+class HestSuite(Suite):
+    """HEST-Benchmark (see the module doc)."""
 
-    bench_root, out = Path(bench_root), Path(out)
-    embeddings = Path(embeddings) if embeddings is not None else None
+    name = SUITE
+    summary = "HEST-Benchmark: 50-gene expression from patch embeddings (PCA-256 + ridge, Pearson)."
+    description = """HEST-Benchmark: predict 50 genes' log1p expression from patch embeddings (PCA-256 +
+    ridge, per-gene Pearson on held-out patients), per task, per gene and on average.
 
-    if (model is None) == (embeddings is None):
-        raise UserError("run hest: give exactly one of --model and --embeddings")
-    protocol = protocol or load_protocol()
-    proto = protocol["protocol"]
-    selected = select_tasks(bench_root, tasks, proto["gene_list"], require_patches=model is not None,
-                            leaderboard=proto["tasks"])
-    fingerprint = data_fingerprint(selected)
-    encoder = None
-    if model is not None:
-        from pathrobust.encoders.base import build_encoder
-        from pathrobust.extract import resolve_device, resolve_precision
+    Embeddings are cached and also written in HEST's layout (OUT/hest-embeddings/<TASK>/<model>/...),
+    so a rerun, or `--embeddings` later, reuses them. Results: a run directory (summary.json,
+    folds.csv, genes.csv) and rows in OUT/results.sqlite (one per task plus "average").
+    Options beyond the reference (--alpha cv, --no-pca, --pooling) are recorded and label
+    the row."""
+    examples = (
+        "pathrobust run hest --model efficientnet-lite0-imagenet",
+        "pathrobust run hest --model h0-mini --pooling cls+mean --data hest-bench/ --tasks IDC,PRAD",
+        "pathrobust run hest --embeddings eval/ST_data_emb --encoder-name uni_v1 --data hest-bench/",
+        "pathrobust run hest --model rgb-histogram --alpha cv --no-pca",
+    )
+    data_help = ("hest-bench root (one folder per task), or a fetched dataset name. Default: the synthetic "
+                 "benchmark, built once into the cache.")
+    features = FeaturesMode(help="Precomputed embeddings in HEST's cache layout DIR/<TASK>/<encoder>/<sample_id>.h5 "
+                                 "instead of --model.", names=("--embeddings", "--features"), needs_data=True)
+    Protocol = HestProtocol
+    Options = HestOptions
 
-        dev = resolve_device(device)
-        encoder = build_encoder(model, pooling=options.pooling, weights=weights, device=dev)
-        precision = resolve_precision(precision, dev, encoder.spec)
-        options = HestOptions(options.alpha, options.pca, encoder.pooling)
-        embed_root = Path(embed_dir) if embed_dir else out / "hest-embeddings"
-        folder = encoder_folder(encoder, precision)
-        label = encoder.name
-        ident = {"spec_hash": encoder.spec.hash, "weights_sha256": encoder.weights_sha256 or "",
-                 "pooling": encoder.pooling, "precision": precision}
-    else:
-        embed_root = Path(embeddings)
-        if not embed_root.is_dir():
-            raise UserError(f"--embeddings {embed_root}: not a directory")
-        folder = resolve_encoder_folder(embed_root, selected, encoder_name)
-        label = folder
-        ident = {"embeddings": str(embed_root.resolve()), "encoder_folder": folder}
-    config = {"tasks": [t.name for t in selected], "data_fingerprint": fingerprint, "options": options.to_dict(),
-              "protocol": proto, **ident}
-    if options.alpha == "cv":
-        config["alpha_cv"] = protocol["alpha_cv"]
-    provenance = {"bench_root": str(bench_root.resolve()), "embed_root": str(embed_root.resolve()),
-                  "encoder_folder": folder, "options": options.to_dict(),
-                  "reference": "mahmoodlab/HEST bench/benchmark.py + trainer.py"}
-    if encoder is not None:
-        provenance["encoder"] = encoder.provenance()
-    run = SuiteRun(out, SUITE, label + (f"[{options.variant}]" if options.variant else ""), config, provenance,
-                   db_path=db_path)
-    if run.finished and not overwrite:
-        run.log.info("already finished; reusing %s", run.dir)
-        return run.summary()
+    def build_synthetic(self, root: Path, overrides: dict[str, Any], progress: bool) -> Path:
+        from dataclasses import asdict
 
-    if encoder is not None:
-        for task in selected:
-            run.log.info("embedding %s with %s into %s", task.name, encoder.name, embed_root / task.name / folder)
-            embed_task(encoder, task, embed_root, folder, batch_size=batch_size, num_workers=num_workers,
-                       precision=precision, device=device, overwrite=overwrite, progress=progress)
-    results = []
-    for task in selected:
-        result = evaluate_task(task, embed_root, folder, protocol, options, check_patches=encoder is not None,
-                               progress=progress)
-        mean, std = result.summary
-        run.log.info("%s: pearson %.4f ± %.4f over %d folds", task.name, mean, std, len(result.folds))
-        results.append(result)
-    write_tables(run.dir, results)
-    average = float(np.mean([r.summary[0] for r in results]))
-    summary = {
-        "suite": SUITE, "model": label, "variant": options.variant, "options": options.to_dict(),
-        "tasks": {r.task: {"pearson_mean": r.summary[0], "pearson_std": r.summary[1],
-                           "pearson_per_fold": r.fold_means, "alpha_per_fold": r.fold_alphas,
-                           "per_gene": dict(zip(r.genes, map(float, r.per_gene)))} for r in results},
-        "average": average,
-    }
-    base = dict(suite=SUITE, model=label, data_fingerprint=fingerprint, options=options.to_dict(),
-                precision=precision if encoder is not None else "")
-    if encoder is not None:
-        base.update(encoder_record_fields(encoder, precision))
-    else:  # a cache written by pathrobust carries the encoder's provenance: keep it on the rows
-        attrs = _cache_attrs(embed_root, selected[0], folder)
-        base.update(spec_hash=str(attrs.get("spec_hash", "")), weights_sha256=str(attrs.get("weights_sha256", "")),
-                    pooling=options.pooling or str(attrs.get("pooling", "")), precision=str(attrs.get("precision", "")))
+        from pathrobust.data.synth_hest import SynthHestConfig, build_synth_hest
+
+        return build_synth_hest(root, SynthHestConfig.from_mapping({**asdict(self.protocol.synthetic), **overrides}))
+
+    def open_data(self, path: Path, options: HestOptions, embed: bool) -> HestData:
+        # patches are needed only to embed them; --embeddings runs read the cache
+        return HestData(path, select_tasks(path, options.tasks, self.protocol.protocol.gene_list,
+                                           require_patches=embed, leaderboard=self.protocol.protocol.tasks))
+
+    def data_fingerprint(self, path: Path, data: HestData, options: HestOptions) -> str:
+        from pathrobust.data.identity import fingerprint_files
+
+        files = []
+        for task in data.tasks:
+            files += sorted((task.root / "splits").glob("*.csv")) + [task.root / self.protocol.protocol.gene_list]
+            files += [p for s in task.samples for p in (s.patches_path, s.expr_path)]
+        return fingerprint_files(path, files, extra=",".join(t.name for t in data.tasks))
+
+    def open_features(self, path: Path, data: HestData, options: HestOptions) -> Features:
+        from pathrobust.data.identity import fingerprint_files
+
+        if not path.is_dir():
+            raise UserError(f"--embeddings {path}: not a directory")
+        folder = resolve_encoder_folder(path, data.tasks, options.encoder_name)
+        files = [H.embedding_path(path, t.name, folder, s.sample_id) for t in data.tasks for s in t.samples]
+        attrs = H.read_embeddings(files[0]).attrs if files[0].is_file() else {}
+        # a cache written by pathrobust carries the encoder's provenance: keep it on the rows
+        record = {"spec_hash": str(attrs.get("spec_hash", "")), "weights_sha256": str(attrs.get("weights_sha256", "")),
+                  "pooling": str(attrs.get("pooling", "")), "precision": str(attrs.get("precision", ""))}
         if attrs.get("input_size"):
-            base["input_size"] = int(attrs["input_size"])
-    records = [RunRecord(task=r.task, metrics={"pearson_mean": r.summary[0], "pearson_std": r.summary[1],
-                                               "n_folds": len(r.folds)}, run_id="auto", **base) for r in results]
-    records.append(RunRecord(task="average", metrics={"pearson_mean": average, "n_tasks": len(results)},
-                             run_id="auto", **base))
-    return run.finish(summary, records)
+            record["input_size"] = int(attrs["input_size"])
+        return Features((path, folder), folder, fingerprint_files(path, files), record)
+
+    def evaluate(self, ctx: RunContext) -> SuiteResult:
+        options: HestOptions = ctx.options
+        tasks = ctx.data.tasks
+        if ctx.features is not None:
+            embed_root, folder = ctx.features
+        else:
+            embed_root = Path(options.embed_dir) if options.embed_dir else ctx.run.out / "hest-embeddings"
+            folder = encoder_folder(ctx.encoder, ctx.precision)
+            for task in tasks:
+                ctx.log.info("embedding %s with %s into %s", task.name, ctx.encoder.name, embed_root / task.name / folder)
+                export_task(ctx, task, embed_root, folder)
+        pooling = ctx.encoder.pooling if ctx.encoder is not None else options.pooling
+        recorded = HestOptions(options.alpha, options.pca, pooling)
+        results = []
+        for task in tasks:
+            result = evaluate_task(task, embed_root, folder, self.protocol, recorded,
+                                   check_patches=ctx.encoder is not None, progress=ctx.progress)
+            ctx.log.info("%s: pearson %.4f ± %.4f over %d folds", task.name, *result.summary, len(result.folds))
+            results.append(result)
+        average = float(np.mean([r.summary[0] for r in results]))
+        summary = {
+            "options": recorded.to_dict(), "embed_root": str(embed_root), "encoder_folder": folder,
+            "tasks": {r.task: {"pearson_mean": r.summary[0], "pearson_std": r.summary[1],
+                               "pearson_per_fold": r.fold_means, "alpha_per_fold": r.fold_alphas,
+                               "per_gene": dict(zip(r.genes, map(float, r.per_gene)))} for r in results},
+            "average": average,
+            "reference": "mahmoodlab/HEST bench/benchmark.py + trainer.py",
+        }
+        row_options = recorded.to_dict()
+        rows = [TaskRow(r.task, {"pearson_mean": r.summary[0], "pearson_std": r.summary[1], "n_folds": len(r.folds)},
+                        row_options) for r in results]
+        rows.append(TaskRow("average", {"pearson_mean": average, "n_tasks": len(results)}, row_options))
+        return SuiteResult(headline=average, rows=rows, summary=summary, tables=write_tables(results))
+
+
+def run_hest(*, bench_root: str | Path | None = None, out: str | Path = "runs", model: Any = None,
+             embeddings: str | Path | None = None, encoder_name: str | None = None,
+             tasks: Sequence[str] | None = None, options: HestOptions = HestOptions(), num_workers: int = 0,
+             embed_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run the HEST suite (:func:`pathrobust.suites.base.run_suite` with HEST's argument names:
+    ``bench_root`` is the data, ``embeddings`` a precomputed HEST embedding cache)."""
+    from dataclasses import replace
+
+    from pathrobust.suites.base import run_suite
+
+    opts = replace(options, tasks=tuple(tasks) if tasks else options.tasks,
+                   encoder_name=encoder_name or options.encoder_name,
+                   embed_dir=Path(embed_dir) if embed_dir else options.embed_dir)
+    return run_suite(SUITE, model, bench_root, out, features=embeddings, pooling=kwargs.pop("pooling", options.pooling),
+                     workers=num_workers, options=opts, **kwargs)

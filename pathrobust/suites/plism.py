@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,31 +32,102 @@ from typing import Any
 import numpy as np
 import torch
 
+from pathrobust import atomic
+from pathrobust.config import at_least, each, in_range, non_empty, non_negative, one_of, positive
 from pathrobust.data import plism as pdata
 from pathrobust.errors import UserError
 from pathrobust.metrics import plism as pm
-from pathrobust.store import safe_name
-from pathrobust.suites.base import SuiteRun, encoder_record_fields
+from pathrobust.suites.base import (Features, FeaturesMode, RunContext, Suite, SuiteResult, TaskRow, option,
+                                   register_suite)
 
-CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "plism.toml"
 SUITE = "plism"
 PAIRS_FILE = "pairs.jsonl"
 BOOT_FILE = "pairs_bootstrap.npy"
 BATCH_ELEMENTS = 2**24  # cross-block elements per call when several small pairs are batched
 
 
-def load_protocol(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The suite TOML (protocol parameters)."""
-    path = Path(path) if path else CONFIG_FILE
+# -- the protocol (suites/plism.toml) ----------------------------------------------------------
+@dataclass(frozen=True)
+class PairProtocol:
+    reference: str
+    topk: list[int] = field(metadata={**non_empty(), "check": lambda v: None if v and min(v) >= 1
+                                      else f"must be a non-empty list of k >= 1, got {v}"})
+    metric_precision: str = field(metadata=one_of(*pm.DTYPES))
+    chunk_rows: int = field(metadata=positive())
+
+
+@dataclass(frozen=True)
+class MemoryProtocol:
+    resident_features_gib: float = field(metadata=non_negative())
+
+
+@dataclass(frozen=True)
+class BootstrapProtocol:
+    replicates: int = field(metadata=non_negative())
+    level: float = field(metadata=in_range(0.5, 0.999))
+    seed: int
+
+
+@dataclass(frozen=True)
+class ProbeProtocol:
+    enabled: bool
+    max_positions: int = field(metadata=at_least(2))
+    folds: int = field(metadata=at_least(2))
+    pca_dim: int = field(metadata=positive())
+    alpha: float = field(metadata=positive())
+    seed: int
+
+
+@dataclass(frozen=True)
+class SyntheticPlism:
+    tiles_per_slide: int = field(metadata=at_least(2))
+    stainings: list[str] = field(metadata={**each(one_of(*pdata.STAININGS))})
+    scanners: list[str] = field(metadata={**each(one_of(*pdata.SCANNERS))})
+    tile_size: int = field(metadata=at_least(16))
+    seed: int
+
+
+@dataclass(frozen=True)
+class PlismProtocol:
+    protocol: PairProtocol
+    memory: MemoryProtocol
+    bootstrap: BootstrapProtocol
+    probes: ProbeProtocol
+    synthetic: SyntheticPlism
+
+
+def parse_topk(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: cannot read suite config ({exc})") from None
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--topk {value}: expected comma-separated integers such as 1,3,5,10") from None
+
+
+@dataclass(frozen=True)
+class PlismRunOptions:
+    """``pathrobust run plism`` options (None = the protocol's value)."""
+
+    tile_subset: Path | None = option("--tile-subset", "plismbench tile subset (.npy of int64 indices into the "
+                                      "(x, y)-sorted tiles), e.g. tiles_subset_8139.npy.", variant=False,
+                                      parse=Path)
+    n_tiles: int | None = option("--n-tiles", "Use N evenly spaced tiles of the (x, y)-sorted tiles "
+                                 "(deterministic). Default: all tiles.", min=2, variant=False)
+    topk: tuple[int, ...] | None = option("--topk", "Comma-separated k values of the top-k accuracies "
+                                          "(default 1,3,5,10; the leaderboard needs 10).", parse=parse_topk,
+                                          variant=False)
+    bootstrap: int | None = option("--bootstrap", "Tile bootstrap replicates for the leaderboard metric's 95% "
+                                   "interval (default from suites/plism.toml; 0 = off).", min=0, variant=False)
+    probes: bool = option("--no-probes", "Skip the scanner-ID / staining-ID leakage probes.", True, invert=True,
+                          variant=False)
+    metric_precision: str | None = option("--metric-precision", "Similarity precision of the pair metrics: fp32 "
+                                          "(default, the reference definition), fp64, bf16 or fp16 (GPU).")
 
 
 @dataclass
 class PlismOptions:
-    """How one evaluation runs (defaults from the suite TOML)."""
+    """How one evaluation runs: the protocol with the run's options applied."""
 
     topk: tuple[int, ...] = pm.DEFAULT_TOPK
     metric_precision: str = "fp32"
@@ -71,17 +141,14 @@ class PlismOptions:
     probe: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_protocol(cls, protocol: dict[str, Any], **overrides: Any) -> PlismOptions:
-        p, b, pr = protocol.get("protocol", {}), protocol.get("bootstrap", {}), protocol.get("probes", {})
-        opts = cls(topk=tuple(p.get("topk", pm.DEFAULT_TOPK)), metric_precision=p.get("metric_precision", "fp32"),
-                   chunk_rows=int(p.get("chunk_rows", pm.DEFAULT_CHUNK)),
-                   resident_gib=float(protocol.get("memory", {}).get("resident_features_gib", 4.0)),
-                   bootstrap=int(b.get("replicates", 200)), bootstrap_level=float(b.get("level", 0.95)),
-                   bootstrap_seed=int(b.get("seed", 0)), probes=bool(pr.get("enabled", True)),
-                   probe={k: pr[k] for k in ("max_positions", "folds", "pca_dim", "alpha", "seed") if k in pr})
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(opts, key, value)
+    def resolve(cls, protocol: PlismProtocol, run: PlismRunOptions, device: str = "auto") -> PlismOptions:
+        p, b, pr = protocol.protocol, protocol.bootstrap, protocol.probes
+        opts = cls(topk=tuple(run.topk or p.topk), metric_precision=run.metric_precision or p.metric_precision,
+                   device=device, chunk_rows=p.chunk_rows, resident_gib=protocol.memory.resident_features_gib,
+                   bootstrap=b.replicates if run.bootstrap is None else run.bootstrap, bootstrap_level=b.level,
+                   bootstrap_seed=b.seed, probes=pr.enabled and run.probes,
+                   probe={"max_positions": pr.max_positions, "folds": pr.folds, "pca_dim": pr.pca_dim,
+                          "alpha": pr.alpha, "seed": pr.seed})
         if not opts.topk or min(opts.topk) < 1:
             raise UserError(f"--topk {','.join(map(str, opts.topk))}: k values must be >= 1")
         opts.topk = tuple(sorted(set(int(k) for k in opts.topk)))
@@ -155,9 +222,7 @@ def _read_done_pairs(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
             good.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(g + "\n" for g in good))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(g + "\n" for g in good))
     return done
 
 
@@ -202,9 +267,7 @@ def evaluate_features(features: pdata.FeatureSet, out_dir: str | os.PathLike, op
             top = torch.from_numpy(np.load(path)).to(device)
         else:
             top = pm.slide_topk(cache.get(slide_id), kmax, options.chunk_rows)
-            tmp = path.with_name(path.name + ".tmp.npy")
-            np.save(tmp, top.cpu().numpy())
-            os.replace(tmp, path)
+            atomic.save_npy(path, top.cpu().numpy())
         cache.keep_top(slide_id, top)
         return top
 
@@ -224,7 +287,7 @@ def evaluate_features(features: pdata.FeatureSet, out_dir: str | os.PathLike, op
             if boot.shape != shape:
                 raise UserError(f"{boot_path}: shape {boot.shape} does not match this run {shape}; remove the run dir")
         else:
-            boot = np.lib.format.open_memmap(boot_path, mode="w+", dtype=np.float32, shape=shape)
+            boot = _reserved_memmap(boot_path, shape)
     todo = [(i, a, b) for i, (a, b) in enumerate(pairs) if (a, b) not in done]
     if log:
         log.info("plism: %d slides, %d tiles, dim %d, %d pairs (%d finished)", len(slides), n, dim, len(pairs), len(done))
@@ -279,10 +342,10 @@ def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], options: PlismOpti
 
     names = pm.metric_names(options.topk)
     df = pd.DataFrame(rows)
-    _atomic_csv(df, out_dir / "metrics.csv", index=False)
+    atomic.write_csv(df, out_dir / "metrics.csv")
     aggs = pm.group_aggregates(df["group"].tolist(), {m: df[m].to_numpy() for m in names})
     table = pd.DataFrame({g: {m: pm.format_cell(aggs[g][m]) for m in names} for g in pm.GROUPS}).T
-    _atomic_csv(table, out_dir / "results.csv", index=True)
+    atomic.write_csv(table, out_dir / "results.csv", index=True)
     summary: dict[str, Any] = {"aggregates": _nan_to_none(aggs), "topk": list(options.topk),
                                "group_sizes": {g: int(m.sum()) for g, m in pm.group_masks(df["group"]).items()}}
     if 10 in options.topk:
@@ -305,12 +368,6 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, float) and np.isnan(obj):
         return None
     return obj
-
-
-def _atomic_csv(df, path: Path, index: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=index)
-    os.replace(tmp, path)
 
 
 def factor_matrix(df, factor: str, metric: str, order: Sequence[str]):
@@ -336,7 +393,7 @@ def _heatmaps(out_dir: Path, df, metrics: Sequence[str]) -> dict[str, str]:
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             mat = factor_matrix(df, factor, metric, order)
-            _atomic_csv(mat, out_dir / f"heatmap_{factor}_{metric}.csv", index=True)
+            atomic.write_csv(mat, out_dir / f"heatmap_{factor}_{metric}.csv", index=True)
             im = ax.imshow(mat.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis")
             ax.set_xticks(range(len(mat)), mat.columns, rotation=90, fontsize=7)
             ax.set_yticks(range(len(mat)), mat.index, fontsize=7)
@@ -344,10 +401,8 @@ def _heatmaps(out_dir: Path, df, metrics: Sequence[str]) -> dict[str, str]:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         path = out_dir / f"heatmap_{factor}.png"
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        atomic.save_figure(fig, path, dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
         written[factor] = path.name
     return written
 
@@ -355,6 +410,8 @@ def _heatmaps(out_dir: Path, df, metrics: Sequence[str]) -> dict[str, str]:
 def _probes(features: pdata.FeatureSet, subset: np.ndarray, params: dict[str, Any], log=None) -> dict[str, Any]:
     """Scanner-ID and staining-ID leakage on up to ``max_positions`` evenly spaced tile
     locations of the evaluated subset, folds grouped by location."""
+    from pathrobust.probes.leakage import leakage_probe
+
     max_pos = int(params.get("max_positions", 128))
     positions = subset[np.unique(np.round(np.linspace(0, len(subset) - 1, min(max_pos, len(subset)))).astype(int))]
     xs, scanners, stainings, groups = [], [], [], []
@@ -372,104 +429,116 @@ def _probes(features: pdata.FeatureSet, subset: np.ndarray, params: dict[str, An
           "seed": int(params.get("seed", 0))}
     out = {"positions": int(len(positions)), "rows": int(len(x))}
     for name, labels in (("scanner", scanners), ("staining", stainings)):
-        out[name] = pm.leakage_probe(x, labels, g, **kw)
+        out[name] = leakage_probe(x, labels, g, **kw)
         if log:
             log.info("probe %s: %s", name, out[name])
     return out
 
 
-# -- the suite run -----------------------------------------------------------------------------
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float32 ``.npy`` memmap whose blocks are allocated now: a sparse file on a full
+    disk would die with SIGBUS at the first write into a hole; this fails here, as one line."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    try:
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.path.getsize(path))
+    except OSError as exc:
+        del mm
+        path.unlink(missing_ok=True)
+        raise atomic.disk_error(exc, path) or exc from None
+    return mm
 
 
-def extract_plism_features(encoder, slides: dict[str, Any], cache_dir: Path, batch_size: int, workers: int,
-                           precision: str, device: str, progress: bool) -> pdata.FeatureSet:
-    """Shared extractor, one resumable h5 per slide under ``cache_dir`` (reused across runs)."""
-    from pathrobust.extract import extract_features
+# -- the suite -----------------------------------------------------------------------------------
+@register_suite
+class PlismSuite(Suite):
+    """PLISM stain/scanner robustness with plismbench's protocol (see the module doc)."""
 
-    paths = {}
-    for sid, source in slides.items():
-        paths[sid] = extract_features(encoder, source, cache_dir / f"{sid}.h5", batch_size=batch_size,
-                                      num_workers=workers, precision=precision, device=device, progress=progress)
-    return pdata.FeatureSet.h5(paths)
+    name = SUITE
+    summary = "PLISM stain/scanner robustness (plismbench): cosine and top-k retrieval across 91 slides."
+    description = """PLISM stain/scanner robustness (plismbench protocol): cosine similarity and top-k
+    retrieval of the same tile across 91 stainings x scanners, per pair and per group, the
+    leaderboard metric (mean of 4 medians), plus heatmaps, leakage probes and a bootstrap CI.
+
+    Writes <out>/plism/<model>/<run-id>/ (metrics.csv, results.csv, summary.json, heatmaps)
+    and a row in <out>/results.sqlite. Interrupted? Rerun the same command: extraction and
+    finished pairs are reused."""
+    examples = (
+        "pathrobust run plism --model efficientnet-lite0-imagenet",
+        "pathrobust run plism --model h0-mini --data plism-dataset-tiles/ --tile-subset tiles_subset_8139.npy --device cuda",
+        "pathrobust run plism --features features/h0_mini/ --out runs/",
+        "pathrobust run plism --model rgb-histogram --n-tiles 32 --bootstrap 0 --no-probes",
+    )
+    data_help = ("PLISM tiles: folder of owkin/plism-dataset-tiles parquet shards or of owkin/plism-dataset "
+                 "<slide_id>.h5 files, or a fetched dataset name. Default: synthetic PLISM data (built once into "
+                 "the cache).")
+    features = FeaturesMode(
+        help="Precomputed features in plismbench's layout: DIR/<slide_id>/features.npy, float32 (n, 3+d). "
+             "--model then only names the row (default: the folder name).")
+    Protocol = PlismProtocol
+    Options = PlismRunOptions
+
+    def build_synthetic(self, root: Path, overrides: dict[str, Any], progress: bool) -> Path:
+        from pathrobust.data.synth_plism import SynthPlismConfig, build_synthetic_plism
+
+        values = {**asdict(self.protocol.synthetic), **overrides}
+        config = SynthPlismConfig(tiles_per_slide=int(values["tiles_per_slide"]),
+                                  stainings=tuple(values["stainings"]), scanners=tuple(values["scanners"]),
+                                  tile_size=int(values["tile_size"]), seed=int(values["seed"]))
+        return build_synthetic_plism(root, config, progress=progress)
+
+    def open_data(self, path: Path, options: PlismRunOptions, embed: bool) -> dict[str, Any]:
+        return pdata.open_plism(path)
+
+    def data_fingerprint(self, path: Path, data: dict[str, Any], options: PlismRunOptions) -> str:
+        from pathrobust.data.identity import fingerprint_tree
+
+        return fingerprint_tree(path, suffixes=(".parquet", ".h5"))
+
+    def open_features(self, path: Path, data: Any, options: PlismRunOptions) -> Features:
+        from pathrobust.data.identity import fingerprint_files
+
+        features = pdata.FeatureSet.plismbench(path)
+        return Features(features, path.resolve().name, fingerprint_files(path, features.paths.values()),
+                        record={"pooling": "", "precision": ""})
+
+    def identity(self, options: PlismRunOptions) -> dict[str, Any]:
+        subset = b""
+        if options.tile_subset is not None and Path(options.tile_subset).is_file():
+            subset = Path(options.tile_subset).read_bytes()
+        return {"options": PlismOptions.resolve(self.protocol, options).identity(), "n_tiles": options.n_tiles,
+                "tile_subset_sha": hashlib.sha256(subset).hexdigest()[:16] if subset else ""}
+
+    def evaluate(self, ctx: RunContext) -> SuiteResult:
+        opts = PlismOptions.resolve(self.protocol, ctx.options, device=str(ctx.device or "auto"))
+        features = ctx.features
+        if features is None:
+            features = pdata.FeatureSet.h5({sid: ctx.cache.embed(source, sid) for sid, source in ctx.data.items()})
+        xy, _ = features.dim_and_tiles()
+        subset = pdata.tile_subset(len(xy), ctx.options.tile_subset, ctx.options.n_tiles)
+        if ctx.overwrite:
+            import shutil
+
+            for name in (PAIRS_FILE, BOOT_FILE):
+                (ctx.dir / name).unlink(missing_ok=True)
+            shutil.rmtree(ctx.dir / "slide_topk", ignore_errors=True)
+        summary = evaluate_features(features, ctx.dir, opts, subset, progress=ctx.progress, log=ctx.log)
+        ci = summary.get("leaderboard_bootstrap")
+        row = TaskRow("", record_metrics(summary), options={
+            "topk": list(opts.topk), "n_tiles": int(len(subset)), "bootstrap": opts.bootstrap,
+            "metric_precision": opts.metric_precision})
+        return SuiteResult(headline=summary.get("leaderboard_unrounded"), rows=[row], summary=summary,
+                           ci=(ci["low"], ci["high"]) if ci else None,
+                           artefacts={f"heatmap_{k}": v for k, v in summary.get("heatmaps", {}).items()})
 
 
-def run_plism(*, model: str | None, out: str | os.PathLike = "runs", data: str | os.PathLike | None = None,
-              features_dir: str | os.PathLike | None = None, pooling: str | None = None, weights: str | None = None,
-              device: str = "auto", precision: str = "auto", batch_size: int = 64, workers: int = 2,
-              tile_subset: str | os.PathLike | None = None, n_tiles: int | None = None,
-              topk: Sequence[int] | None = None, bootstrap: int | None = None, probes: bool | None = None,
-              metric_precision: str | None = None, overwrite: bool = False, progress: bool = True,
-              protocol_file: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run the PLISM suite for one encoder (or precomputed plismbench-layout features).
+def run_plism(*, model: Any = None, out: str | os.PathLike = "runs", data: str | os.PathLike | None = None,
+              features_dir: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run the PLISM suite: :func:`pathrobust.suites.base.run_suite` with plismbench's
+    features layout as ``features_dir`` (see ``run_suite`` for the other arguments)."""
+    from pathrobust.suites.base import run_suite
 
-    Returns the summary (also in ``<out>/plism/<model>/<run-id>/summary.json``); a finished
-    run with the same configuration is returned as-is unless ``overwrite``."""
-    import shutil
-
-    from pathrobust.store import RunRecord
-
-    protocol = load_protocol(protocol_file)
-    options = PlismOptions.from_protocol(protocol, topk=tuple(topk) if topk else None, bootstrap=bootstrap,
-                                         probes=probes, metric_precision=metric_precision, device=device)
-    out = Path(out)
-    provenance: dict[str, Any] = {"suite_config": str(protocol_file or CONFIG_FILE)}
-    record_fields: dict[str, Any] = {}
-    if features_dir is not None:
-        if data is not None:
-            raise UserError("--features and --data: give one, not both")
-        features = pdata.FeatureSet.plismbench(features_dir)
-        model_name = model or Path(features_dir).resolve().name
-        provenance["features"] = str(Path(features_dir).resolve())
-        data_fp = _fingerprint({sid: [str(p), os.path.getsize(p), os.path.getmtime(p)] for sid, p in features.paths.items()})
-        record_fields.update(pooling="", precision="")
-    else:
-        if not model:
-            raise UserError("--model: required unless --features is given")
-        from pathrobust.encoders.base import build_encoder
-        from pathrobust.extract import resolve_device, resolve_precision
-
-        if data is None:
-            from pathrobust.data.synth_plism import SynthPlismConfig, default_plism_data
-
-            syn = protocol.get("synthetic", {})
-            data = default_plism_data(SynthPlismConfig(tiles_per_slide=int(syn.get("tiles_per_slide", 48)),
-                                                       seed=int(syn.get("seed", 0))), progress=progress)
-            provenance["data_note"] = "synthetic PLISM (pathrobust data synth-plism), not the real PLISM slides"
-        slides = pdata.open_plism(data)
-        dev = resolve_device(device)
-        encoder = build_encoder(model, pooling=pooling, weights=weights, device=dev)
-        precision = resolve_precision(precision, dev, encoder.spec)
-        enc_prov = encoder.provenance()
-        data_fp = _fingerprint({sid: s.fingerprint() for sid, s in slides.items()} | {"data": str(Path(data).resolve())})
-        key = _fingerprint([enc_prov["spec_hash"], enc_prov["pooling"], enc_prov["weights_sha256"], precision, data_fp])
-        cache_dir = out / SUITE / "_features" / f"{safe_name(encoder.name)}-{key}"
-        features = extract_plism_features(encoder, slides, cache_dir, batch_size, workers, precision, device, progress)
-        model_name = encoder.name
-        provenance.update(encoder=enc_prov, data=str(Path(data).resolve()), feature_cache=str(cache_dir))
-        record_fields.update(encoder_record_fields(encoder, precision))
-    xy, _ = features.dim_and_tiles()
-    subset = pdata.tile_subset(len(xy), tile_subset, n_tiles)
-    config = {"model": model_name, **{k: record_fields.get(k, "") for k in ("spec_hash", "pooling", "precision", "weights_sha256")},
-              "data_fingerprint": data_fp, "tile_subset_sha": hashlib.sha256(subset.tobytes()).hexdigest()[:16],
-              "n_tiles": int(len(subset)), "options": options.identity()}
-    run = SuiteRun(out, SUITE, model_name, config, provenance)
-    if run.finished and not overwrite:
-        run.log.info("already finished; returning the stored summary")
-        return run.summary()
-    if overwrite:
-        for name in (PAIRS_FILE, BOOT_FILE):
-            (run.dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run.dir / "slide_topk", ignore_errors=True)
-    summary = evaluate_features(features, run.dir, options, subset, progress=progress, log=run.log)
-    summary["data_fingerprint"] = data_fp
-    metrics = record_metrics(summary)
-    record = RunRecord(suite=SUITE, model=model_name, metrics=metrics, data_fingerprint=data_fp,
-                       options={"topk": list(options.topk), "n_tiles": int(len(subset)), "bootstrap": options.bootstrap,
-                                "metric_precision": options.metric_precision},
-                       run_id="auto", **record_fields)
-    return run.finish(summary, [record])
+    return run_suite(SUITE, model, data, out, features=features_dir, **kwargs)
 
 
 # Metric names in the results DB (the contract pathrobust.reports reads): short metric,
