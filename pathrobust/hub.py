@@ -277,6 +277,13 @@ class FetchContext:
     target: str = ""  # where the files go
 
 
+def is_hub_error(exc: BaseException) -> bool:
+    """Raised by the hub, the network or the disk (explained to the user), not a bug (re-raised)."""
+    names = set().union(*(_names(e) for e in _chain(exc)))
+    return bool(names & (_NETWORK_ERRORS | {"HfHubHTTPError", "OSError", "HTTPError", "HTTPStatusError",
+                                             "TooManyRedirects", "DryRunError"}))
+
+
 def explain_hub_error(exc: BaseException, ctx: FetchContext) -> UserError:
     """The client's exception -> one line naming the problem and its fix."""
     token, token_source = hf_token()
@@ -369,22 +376,39 @@ def _quiet_hub_logs() -> Iterator[None]:
 
 
 # -- progress ------------------------------------------------------------------------------
-def _bar_class(enabled: bool):
-    """A huggingface_hub tqdm class: bytes/s bars on a terminal, none when ``enabled`` is off,
-    ``PATHROBUST_NO_PROGRESS`` is set or stderr is not a terminal."""
+_BYTES_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]"
+
+
+def _bar_class(enabled: bool, label: str = "downloading"):
+    """A huggingface_hub tqdm class for ``snapshot_download``: one bar of bytes with bytes/s
+    (the client's plain-HTTP bars show neither a rate nor, for the duplicate transfer bar,
+    anything new), the file count; none when ``enabled`` is off, ``PATHROBUST_NO_PROGRESS`` is
+    set or stderr is not a terminal."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     from pathrobust.progress import progress_enabled
 
     show = progress_enabled(enabled)
 
+    def relabel(desc):
+        return label if isinstance(desc, str) and desc.startswith("Reconstruct") else desc
+
     class _Bar(hf_tqdm):
         def __init__(self, *args, **kwargs):
-            if not show:
+            if not show or str(kwargs.get("name") or "").endswith(".transfer"):
                 kwargs["disable"] = True
             elif kwargs.get("disable") is not True:
                 kwargs["disable"] = None  # tqdm: hide when stderr is not a terminal
+            if kwargs.get("unit") == "B":
+                kwargs["bar_format"] = _BYTES_FORMAT
+                kwargs["desc"] = relabel(kwargs.get("desc"))
             super().__init__(*args, **kwargs)
+
+        def set_description(self, desc=None, refresh=True):
+            super().set_description_str(relabel(desc), refresh)  # the format adds the ': '
+
+        def set_description_str(self, desc=None, refresh=True):
+            super().set_description_str(relabel(desc), refresh)
 
     return _Bar
 
@@ -776,10 +800,12 @@ def _download(repo_id: str, repo_type: str, revision: str | None, files: Sequenc
                 repo_id, repo_type=repo_type, revision=revision, allow_patterns=[f.path for f in files],
                 ignore_patterns=None, local_dir=str(dest) if dest is not None else None,
                 cache_dir=str(hf_cache_dir()), token=token or False, endpoint=endpoint,
-                tqdm_class=_bar_class(progress), max_workers=8)
+                tqdm_class=_bar_class(progress, ctx.what or repo_id), max_workers=8)
     except UserError:
         raise
     except Exception as exc:
+        if not is_hub_error(exc):
+            raise
         if ctx.files_total is not None:
             ctx.files_done = len(_present(dest, files)) if dest is not None else _count_cached(repo_id, repo_type, files)
         raise explain_hub_error(exc, ctx) from None
@@ -836,9 +862,9 @@ def plan_dataset(name: str, subset: str | Sequence[str] | None = None, dest: str
             commit, remote = list_remote(ds.repo_id, "dataset", revision, endpoint, token)
             files = select_files(ds, remote, terms, shard_slides=lambda shards: plism_shard_slides(
                 ds.repo_id, commit, shards, endpoint, token, progress))
-    except UserError:
-        raise
     except Exception as exc:
+        if isinstance(exc, UserError) or not is_hub_error(exc):
+            raise
         raise explain_hub_error(exc, ctx) from None
     root = _local_root(ds.repo_id, "dataset", commit, Path(dest).expanduser().resolve() if dest else None)
     return FetchPlan(ds, commit, files, [f.path for f in _present(root, files)], root, remote)
@@ -984,6 +1010,8 @@ def fetch_model(model: str, dest: str | os.PathLike | None = None, revision: str
         with _quiet_hub_logs():
             commit, remote = list_remote(spec.hub_id, "model", revision, endpoint, token)
     except Exception as exc:
+        if not is_hub_error(exc):
+            raise
         raise explain_hub_error(exc, ctx) from None
     files = model_files(spec, remote)
     root = _local_root(spec.hub_id, "model", commit, dest_path)

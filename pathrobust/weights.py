@@ -171,6 +171,8 @@ def _from_hub(spec: EncoderSpec, looked: list[str], offline: bool) -> WeightsFil
         except (EntryNotFoundError, LocalEntryNotFoundError):
             continue
         except Exception as exc:
+            if not hub.is_hub_error(exc):
+                raise
             ctx = hub.FetchContext(spec.hub_id, "model", spec.name, f"pathrobust models fetch {spec.name}")
             err = hub.explain_hub_error(exc, ctx)
             raise UserError(f"{err}; or pass --weights /path/to/model.safetensors") from None
