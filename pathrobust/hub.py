@@ -500,7 +500,7 @@ def _slide_key(slide_id: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _match_slides(subset: Sequence[str], slide_ids: Iterable[str], option_name: str) -> tuple[set[str], list[str]]:
+def _match_slides(subset: Sequence[str], slide_ids: Iterable[str]) -> tuple[set[str], list[str]]:
     """Slide ids named by ``subset`` (full ids, STAINING_SCANNER, a staining or a scanner) and
     the terms that name none."""
     from pathrobust.data.plism import SCANNERS, STAININGS
@@ -533,7 +533,7 @@ def _slides_hint(slide_ids: Iterable[str]) -> str:
 
 def _select_slide_files(ds: Dataset, base: list[RemoteFile], subset: Sequence[str]) -> list[RemoteFile]:
     by_slide = {Path(f.path).name[: -len(".h5")]: f for f in base}
-    chosen, unknown = _match_slides(subset, by_slide, "--subset")
+    chosen, unknown = _match_slides(subset, by_slide)
     if unknown:
         raise UserError(f"--subset {','.join(unknown)}: no such {ds.name} slide; {_slides_hint(by_slide)}")
     return [f for sid, f in sorted(by_slide.items()) if sid in chosen]
@@ -573,7 +573,7 @@ def _select_shards(ds: Dataset, base: list[RemoteFile], subset: Sequence[str], s
             raise UserError(f"--subset {','.join(slide_terms)}: selecting {ds.name} by slide needs the hub; {_shard_hint()}")
         index = shard_slides(shards)
         all_slides = sorted({s for ids in index.values() for s in ids})
-        wanted, unknown = _match_slides(slide_terms, all_slides, "--subset")
+        wanted, unknown = _match_slides(slide_terms, all_slides)
         if unknown:
             raise UserError(f"--subset {','.join(unknown)}: neither a shard nor a slide of {ds.name}; {_shard_hint()}; "
                             f"{_slides_hint(all_slides)}")
@@ -714,9 +714,19 @@ def git_blob_oid(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_records(root: Path, remote: Sequence[RemoteFile], what: str, progress: bool) -> list[dict[str, Any]]:
+def _discard(local: Path) -> None:
+    """Remove a corrupt download: the file, and in the hub cache the blob its link points to."""
+    target = local.resolve()
+    local.unlink(missing_ok=True)
+    if target != local:
+        target.unlink(missing_ok=True)
+
+
+def _file_records(root: Path, remote: Sequence[RemoteFile], what: str, progress: bool,
+                  command: str) -> list[dict[str, Any]]:
     """sha256 and size of the fetched files (hashes cached by path, size and mtime), checked
-    against the hub's sha256 (LFS files) or git blob id (small files)."""
+    against the hub's sha256 (LFS files) or git blob id (small files). A file that differs is
+    removed, so that running ``command`` again downloads it afresh."""
     from pathrobust.progress import tile_progress
     from pathrobust.weights import sha256_file
 
@@ -726,13 +736,16 @@ def _file_records(root: Path, remote: Sequence[RemoteFile], what: str, progress:
             local = root / f.path
             size = local.stat().st_size
             digest = sha256_file(local)
+            problem = None
             if size != f.size:
-                raise UserError(f"{local}: {size} bytes but the hub says {f.size}; delete it and fetch again")
-            if f.sha256 and digest != f.sha256:
-                raise UserError(f"{local}: sha256 {digest[:12]}… differs from the hub's {f.sha256[:12]}…; "
-                                "delete it and fetch again")
-            if not f.sha256 and f.git_oid and size <= _GIT_OID_MAX and git_blob_oid(local) != f.git_oid:
-                raise UserError(f"{local}: content differs from the hub's (git blob id); delete it and fetch again")
+                problem = f"{size} bytes but the hub says {f.size}"
+            elif f.sha256 and digest != f.sha256:
+                problem = f"sha256 {digest[:12]}… differs from the hub's {f.sha256[:12]}…"
+            elif not f.sha256 and f.git_oid and size <= _GIT_OID_MAX and git_blob_oid(local) != f.git_oid:
+                problem = "content differs from the hub's (git blob id)"
+            if problem:
+                _discard(local)
+                raise UserError(f"{what}: {local}: {problem}; the corrupt copy was removed: rerun `{command}`")
             records.append({"path": f.path, "size": size, "sha256": digest,
                             "verified": bool(f.sha256 or (f.git_oid and size <= _GIT_OID_MAX))})
             advance(1)
@@ -897,7 +910,7 @@ def fetch_dataset(name: str, subset: str | Sequence[str] | None = None, dest: st
         "path": str(root), "license": ds.license, "gated": ds.gated, "suite": ds.suite,
         "subset": terms, "complete": len(here) == len(remote_all), "files_in_dataset": len(remote_all),
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
-        "files": _file_records(root, here, ds.name, progress),
+        "files": _file_records(root, here, ds.name, progress, command),
     }
     manifest["total_bytes"] = sum(f["size"] for f in manifest["files"])
     _write_json(manifest_path(ds.name), manifest)
@@ -913,7 +926,7 @@ def fetched_datasets() -> list[dict[str, Any]]:
         m = read_manifest(ds.name)
         row = {"name": ds.name, "repo_id": ds.repo_id, "license": ds.license, "gated": ds.gated,
                "approx_size": ds.approx_size, "fetched": False, "path": None, "bytes": None, "commit": None,
-               "files": None, "complete": None, "subset": None}
+               "files": None, "complete": None, "subset": None, "missing": False}
         if m:
             exists = Path(m["path"]).is_dir()
             row.update(fetched=exists, path=m["path"], bytes=m.get("total_bytes"), commit=m.get("commit"),
@@ -1028,7 +1041,7 @@ def fetch_model(model: str, dest: str | os.PathLike | None = None, revision: str
         "path": str(root), "weights": str(weights_path), "license": spec.license, "gated": spec.gated,
         "spec_hash": spec.hash, "verified": {"tensors": n_tensors, "architecture": spec.arch or spec.builder},
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
-        "files": _file_records(root, files, spec.name, progress),
+        "files": _file_records(root, files, spec.name, progress, command),
     }
     manifest["sha256"] = manifest["files"][0]["sha256"]
     manifest["total_bytes"] = sum(f["size"] for f in manifest["files"])

@@ -148,7 +148,7 @@ def _hub_file(spec: EncoderSpec, filename: str, cache: Path, local_only: bool) -
         raise LocalEntryNotFoundError(f"{filename} of {spec.hub_id} is not in the cache {cache}")
     with _quiet_hub_logs():
         return Path(hf_hub_download(spec.hub_id, filename, revision=spec.revision, cache_dir=cache,
-                                    local_files_only=local_only, token=hf_token()[0] or False,
+                                    token=hf_token()[0] or False,
                                     endpoint=hub_endpoint()))
 
 

@@ -294,6 +294,17 @@ def test_full_fetch_verifies_records_and_resolves_by_name(env, capsys, tmp_path)
     cli("data", "fetch", "plism-tiles", "--no-progress")
     assert downloads(server) == []
     assert "plism-tiles: 3 files" in capsys.readouterr().err
+    # A copy that went bad on disk is caught, removed, and fetched again by the rerun.
+    bad = root / shards[2]
+    blob = bad.resolve()
+    blob.chmod(0o644)
+    blob.write_bytes(b"\0" * len(repo.files[shards[2]]))
+    line = cli_error(capsys, "data", "fetch", "plism-tiles", "--no-progress")
+    assert "sha256" in line and "differs from the hub's" in line and "rerun `pathrobust data fetch plism-tiles`" in line
+    assert not bad.exists() and not blob.exists()
+    cli("data", "fetch", "plism-tiles", "--no-progress")
+    assert bad.read_bytes() == repo.files[shards[2]]
+    capsys.readouterr()
     cli("data", "list", "--json")
     row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == "plism-tiles")
     assert row["fetched"] and row["path"] == str(root) and row["commit"] == repo.commit
@@ -448,15 +459,13 @@ def test_missing_repo_offline_and_disk_full(env, capsys, monkeypatch, tmp_path):
     assert "HF_HUB_OFFLINE=1 is set" in line and "bioptimus/H0-mini" in line
 
 
-def test_resolve_data_passes_paths_through_and_explains_unfetched_names(env, tmp_path):
+def test_resolve_data_passes_paths_through_and_explains_unfetched_names(env, tmp_path, monkeypatch):
     assert hub.resolve_data(tmp_path) == tmp_path
     assert hub.resolve_data(str(tmp_path / "not-there")) == tmp_path / "not-there"  # the suite reports it
     with pytest.raises(UserError, match=r"--data plism-slides: dataset not fetched yet; run `pathrobust data fetch plism-slides`"):
         hub.resolve_data("plism-slides")
     (tmp_path / "plism-slides").mkdir()
-    import os
-
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert hub.resolve_data("plism-slides") == Path("plism-slides")  # a real folder wins over a name
 
 
