@@ -76,24 +76,24 @@ class Dataset:
 # Sizes are estimates for planning (`pathrobust data fetch NAME --dry-run` prints the exact
 # total from the hub). Gated = the hub page asks to accept conditions before downloading.
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
-    Dataset("plism-tiles", "owkin/plism-dataset-tiles", "CC-BY-4.0", "~100 GB (293 parquet shards, 1.48 M tiles)",
+    Dataset("plism-tiles", "owkin/plism-dataset-tiles", "CC-BY-4.0", "~100 GB",
             gated=True, allow=("*.parquet",), subsets="shards+slides", suite="plism",
-            description="PLISM: 91 stainings x scanners, 16,278 registered 224 px tiles each (parquet shards)"),
-    Dataset("plism-slides", "owkin/plism-dataset", "CC-BY-4.0", "~225 GB (91 h5 files)",
+            description="PLISM: 91 stainings x scanners, 16,278 registered 224 px tiles each (293 parquet shards, 1.48 M rows)"),
+    Dataset("plism-slides", "owkin/plism-dataset", "CC-BY-4.0", "~225 GB",
             gated=True, allow=("*_to_GMH_S60*.h5",), subsets="slides", suite="plism",
             description="PLISM: one <slide_id>.h5 per slide (tile id -> uint8 224x224x3)"),
-    Dataset("hest-bench", "MahmoodLab/hest-bench", "CC-BY-NC-SA-4.0", "~10 GB without the fm_v1/ weights",
+    Dataset("hest-bench", "MahmoodLab/hest-bench", "CC-BY-NC-SA-4.0", "~10 GB",
             gated=True, allow=None, ignore=(".gitattributes", "fm_v1/*"), subsets="tasks", suite="hest",
             description="HEST-Benchmark: per task adata/, patches/, splits/ and var_50genes.json (never fm_v1/)"),
-    Dataset("pathorob-camelyon", "bifold-pathomics/PathoROB-camelyon", "CC0-1.0", "~0.5 GB (22,402 patches)",
+    Dataset("pathorob-camelyon", "bifold-pathomics/PathoROB-camelyon", "CC0-1.0", "~0.5 GB",
             gated=False, allow=("*.parquet", "*.md"), suite="pathorob",
-            description="PathoROB Camelyon: normal/tumour patches from 5 centres"),
+            description="PathoROB Camelyon: 22,402 normal/tumour patches from 5 centres"),
     Dataset("pathorob-tcga", "bifold-pathomics/PathoROB-tcga", "CC-BY-NC-SA-4.0", "~1.2 GB",
             gated=False, allow=("*.parquet", "*.md"), suite="pathorob",
             description="PathoROB TCGA: BRCA/COAD/LUAD/LUSC patches from 8 centres"),
-    Dataset("pathorob-tolkach-esca", "bifold-pathomics/PathoROB-tolkach_esca", "CC-BY-SA-4.0", "~0.4 GB (16,300 patches)",
+    Dataset("pathorob-tolkach-esca", "bifold-pathomics/PathoROB-tolkach_esca", "CC-BY-SA-4.0", "~0.4 GB",
             gated=False, allow=("*.parquet", "*.md"), suite="pathorob",
-            description="PathoROB Tolkach ESCA: 6 classes from 4 centres"),
+            description="PathoROB Tolkach ESCA: 16,300 patches, 6 classes from 4 centres"),
 )}
 
 
@@ -925,7 +925,8 @@ def fetched_datasets() -> list[dict[str, Any]]:
     for ds in DATASETS.values():
         m = read_manifest(ds.name)
         row = {"name": ds.name, "repo_id": ds.repo_id, "license": ds.license, "gated": ds.gated,
-               "approx_size": ds.approx_size, "fetched": False, "path": None, "bytes": None, "commit": None,
+               "approx_size": ds.approx_size, "suite": ds.suite, "description": ds.description,
+               "fetched": False, "path": None, "bytes": None, "commit": None,
                "files": None, "complete": None, "subset": None, "missing": False}
         if m:
             exists = Path(m["path"]).is_dir()
