@@ -122,67 +122,102 @@ def _local(path: Path, source: str) -> WeightsFile:
 
 def hf_cache_dir() -> Path:
     """The hub cache, resolved from the environment at call time (not at import time)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "huggingface")
-    return Path(home) / "hub"
+    from pathrobust.hub import hf_cache_dir as _cache
+
+    return _cache()
 
 
 def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from pathrobust.hub import hf_offline
+
+    return hf_offline()
+
+
+def _hub_file(spec: EncoderSpec, filename: str, cache: Path, local_only: bool) -> Path:
+    """``filename`` of the spec's repository: from the cache only (no network at all, not even
+    the client's user-agent look-ups) or through ``hf_hub_download``."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from pathrobust.hub import _quiet_hub_logs, hf_token, hub_endpoint
+
+    if local_only:
+        found = try_to_load_from_cache(spec.hub_id, filename, cache_dir=cache, revision=spec.revision)
+        if isinstance(found, str):
+            return Path(found)
+        raise LocalEntryNotFoundError(f"{filename} of {spec.hub_id} is not in the cache {cache}")
+    with _quiet_hub_logs():
+        return Path(hf_hub_download(spec.hub_id, filename, revision=spec.revision, cache_dir=cache,
+                                    token=hf_token()[0] or False,
+                                    endpoint=hub_endpoint()))
 
 
 def _from_hub(spec: EncoderSpec, looked: list[str], offline: bool) -> WeightsFile | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    """The weights in the Hugging Face cache, else from the hub (downloaded into the cache).
+
+    Before the hub client is called, a one-second probe checks that the hub answers at all:
+    on a machine without network the client would retry for ~50 s and then blame the repo."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from pathrobust import hub
 
     cache = hf_cache_dir()
     repo_dir = cache / f"models--{spec.hub_id.replace('/', '--')}"
-    where = f"Hugging Face cache {repo_dir}" + (" (HF_HUB_OFFLINE=1: hub not contacted)" if offline else f" and hub {spec.hub_id}")
-    last_error = "not found"
+    unreachable = None if offline else hub.unreachable_reason()
+    local_only = offline or unreachable is not None
     for filename in HUB_FILES:
         try:
-            path = hf_hub_download(spec.hub_id, filename, revision=spec.revision, cache_dir=cache,
-                                   local_files_only=offline, token=os.environ.get("HF_TOKEN") or None)
-        except GatedRepoError:
-            last_error = "gated: your account has no access yet"
-            break
+            path = _hub_file(spec, filename, cache, local_only)
         except (EntryNotFoundError, LocalEntryNotFoundError):
             continue
-        except RepositoryNotFoundError:
-            last_error = "repository not found or private (is HF_TOKEN set?)"
-            break
-        except OSError as exc:  # network trouble
-            last_error = f"hub unreachable ({type(exc).__name__})"
-            break
-        path = Path(path)
+        except Exception as exc:
+            if not hub.is_hub_error(exc):
+                raise
+            ctx = hub.FetchContext(spec.hub_id, "model", spec.name, f"pathrobust models fetch {spec.name}")
+            err = hub.explain_hub_error(exc, ctx)
+            raise UserError(f"{err}; or pass --weights /path/to/model.safetensors") from None
         config = _read_config(path.parent)
-        if config is None and not offline:
+        if config is None and not local_only:
             try:
-                cfg_path = hf_hub_download(spec.hub_id, "config.json", revision=spec.revision,
-                                           cache_dir=cache, token=os.environ.get("HF_TOKEN") or None)
-                config = _read_config(Path(cfg_path).parent)
+                config = _read_config(_hub_file(spec, "config.json", cache, False).parent)
             except Exception:  # a missing config is fine: the spec's kwargs describe the model
                 config = None
         return WeightsFile(path, config, f"hf:{spec.hub_id}@{path.parent.name[:12]}")
-    looked.append(f"{where}: {last_error}")
+    if offline:
+        why = f"{hub._offline_var()}=1: hub not contacted" if hub.hf_offline() else "hub not contacted"
+        looked.append(f"Hugging Face cache {repo_dir} ({why})")
+    elif unreachable:
+        looked.append(f"Hugging Face cache {repo_dir}")
+        raise UserError(missing_weights_message(spec, looked, unreachable=unreachable))
+    else:
+        looked.append(f"Hugging Face cache {repo_dir} and hub {spec.hub_id} (no {' or '.join(HUB_FILES)})")
     return None
 
 
-def missing_weights_message(spec: EncoderSpec, looked: list[str]) -> str:
+def missing_weights_message(spec: EncoderSpec, looked: list[str], unreachable: str | None = None) -> str:
+    """One line: where pathrobust looked and what the user can do, for the situation at hand
+    (offline by choice, hub unreachable, or the repository lacks the file)."""
+    from pathrobust import hub
+
+    page = f"https://huggingface.co/{spec.hub_id}" if spec.hub_id else None
+    local = (f"pass --weights /path/to/model.safetensors, or set {WEIGHTS_DIR_ENV}=DIR holding {spec.name}/ "
+             f"or {spec.name}.safetensors")
+    gated = (f"the model is gated: accept the conditions at {page}, then `{hub.login_command()}` or set HF_TOKEN"
+             if spec.gated and page else "")
+    if unreachable:
+        text = (f"{spec.name}: no weights here and {hub.unreachable_message(unreachable)}; looked in "
+                + "; ".join(looked) + f". Use a local copy: {local}, or run `pathrobust models fetch {spec.name} "
+                f"--dest DIR` on a machine with network and copy DIR here")
+        return text + (f" ({gated})." if gated else ".")
     parts = [f"{spec.name}: no weights found; looked in " + "; ".join(looked) + "."]
-    if spec.hub_id:
-        page = f"https://huggingface.co/{spec.hub_id}"
-        if spec.gated:
-            parts.append(f"The model is gated: request access at {page}, then `huggingface-cli login` or set HF_TOKEN.")
-        else:
-            parts.append(f"Download it from {page} (unset HF_HUB_OFFLINE to let pathrobust fetch it).")
-    parts.append(f"Or pass --weights /path/to/model.safetensors (or set {WEIGHTS_DIR_ENV}).")
+    if page and hub.hf_offline():
+        var = hub._offline_var()
+        how = f"unset {var} to let pathrobust download them from {page}"
+        parts.append((f"The model is gated: accept the conditions at {page}, then `{hub.login_command()}` or set "
+                      f"HF_TOKEN, and {how}." if spec.gated else how[0].upper() + how[1:] + "."))
+    elif page:
+        parts.append(f"Check {page}" + (f"; {gated}." if gated else "."))
+    parts.append(local[0].upper() + local[1:] + ".")
     return " ".join(parts)
 
 
