@@ -19,6 +19,18 @@ from typing import Any
 from pathrobust.errors import UserError
 
 
+def inside(root: str | os.PathLike, *parts: str) -> Path:
+    """``root/parts...``, refusing any part that would leave ``root`` (``..``, an absolute
+    path, a separator inside a name taken from a dataset)."""
+    root = Path(root)
+    for part in parts:
+        name = str(part)
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise UserError(f"{name!r}: not usable as a file name under {root} (an id from the data may not hold "
+                            "path separators or be '.'/'..')")
+    return root.joinpath(*parts)
+
+
 def no_space(path: str | os.PathLike) -> UserError:
     return UserError(f"no space left on the device of {path}: free space and rerun to resume")
 

@@ -28,7 +28,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and inspect encoders.", no_args_is_help=True)
 run_app = typer.Typer(help="Run an evaluation suite on an encoder.", no_args_is_help=True)
-data_app = typer.Typer(help="Build synthetic datasets in the real on-disk layouts.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch the benchmark datasets from the Hugging Face hub, or build synthetic ones in the real layouts.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(run_app, name="run")
 app.add_typer(data_app, name="data")

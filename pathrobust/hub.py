@@ -690,10 +690,9 @@ def manifest_path(name: str, kind: str = "dataset") -> Path:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    from pathrobust import atomic
+
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_manifest(name: str, kind: str = "dataset") -> dict[str, Any] | None:

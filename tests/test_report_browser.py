@@ -139,3 +139,21 @@ def test_no_network_requests_and_screenshot(page):
     assert any(u.startswith("file:") for u in urls)
     remote = [u for u in urls if not u.startswith(LOCAL_SCHEMES)]
     assert remote == []
+
+
+def test_main_tables_fit_the_window_and_headings_do_not_repeat(page):
+    from selenium.webdriver.common.by import By
+
+    driver, _, _ = page
+    assert driver.execute_script("return window.innerWidth") >= 1380
+    for table_id in ("overall-table", "table-plism", "table-hest", "table-eva"):
+        scroll, client = driver.execute_script(
+            "var box = document.getElementById(arguments[0]).parentElement;"
+            "return [box.scrollWidth, box.clientWidth];", table_id)
+        assert scroll <= client, f"{table_id} scrolls sideways ({scroll} px in {client} px)"
+        last = driver.execute_script(
+            "var cells = document.getElementById(arguments[0]).tHead.rows[0].cells;"
+            "return cells[cells.length - 1].getBoundingClientRect().right;", table_id)
+        assert last <= driver.execute_script("return window.innerWidth")  # the Run column is on screen
+    headings = [h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "h1, h2, h3, caption")]
+    assert len(headings) == len(set(headings)), headings

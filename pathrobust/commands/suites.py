@@ -169,7 +169,7 @@ def print_summary(suite: Suite, summary: dict[str, Any]) -> None:
             name = f"[bold]{task}[/]" if task == lb.rank_task else task
             table.add_row(name, text)
     console.print(table)
-    err_console.print(f"[green]✓[/] {summary['run_dir']}", highlight=False)
+    err_console.print(f"[green]✓[/] {summary['run_dir']}", highlight=False, soft_wrap=True)
 
 
 def make_synth_command(suite: Suite):

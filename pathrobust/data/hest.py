@@ -78,8 +78,10 @@ def list_tasks(bench_root: str | os.PathLike) -> list[str]:
 
 
 def _inside(root: Path, relative: str, csv: Path, column: str) -> Path:
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
+    # checked on the path as written (not resolved): the Hugging Face cache stores every file
+    # as a symlink into its blobs/ folder, which is outside the task folder by design
+    path = Path(os.path.normpath(os.path.abspath(root / relative)))
+    if not path.is_relative_to(Path(os.path.normpath(os.path.abspath(root)))):
         raise UserError(f"{csv}: {column} '{relative}' points outside the task folder {root}")
     return path
 
@@ -266,14 +268,14 @@ def write_embeddings(path: Path, embeddings: np.ndarray, barcodes: list[str], co
     bytes (N, 1) and ``coords`` (N, 2), as ``embed_tiles``/``save_hdf5`` lay them out."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=np.asarray(embeddings, dtype=np.float32), track_times=False)
-        f.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes], dtype="S").reshape(-1, 1),
-                         track_times=False)
-        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2), track_times=False)
-        for key in sorted(attrs or {}):
-            value = attrs[key]
-            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-    os.replace(tmp, path)
+    from pathrobust import atomic
+
+    with atomic.atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embeddings", data=np.asarray(embeddings, dtype=np.float32), track_times=False)
+            f.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes], dtype="S").reshape(-1, 1),
+                             track_times=False)
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2), track_times=False)
+            for key in sorted(attrs or {}):
+                value = attrs[key]
+                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value

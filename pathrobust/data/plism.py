@@ -30,13 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from pathrobust.data.tiles import TileSource
+from pathrobust import atomic
 from pathrobust.errors import UserError
 
 STAININGS: tuple[str, ...] = ("GIV", "GIVH", "GM", "GMH", "GV", "GVH", "HR", "HRH", "KR", "KRH", "LM", "LMH", "MY")
 SCANNERS: tuple[str, ...] = ("AT2", "GT450", "P", "S210", "S360", "S60", "SQ")
 REGISTRATION_TARGET = "GMH_S60"
 FEATURES_FILE = "features.npy"
-_SLIDE_ID = re.compile(r"^([A-Za-z0-9]+)_([A-Za-z0-9]+)_")
+# '<STAINING>_<SCANNER>_...' with nothing that could leave a folder when the id names a file
+_SLIDE_ID = re.compile(r"^([A-Za-z0-9]+)_([A-Za-z0-9]+)_[A-Za-z0-9_.+-]*$")
 
 
 def make_slide_id(staining: str, scanner: str) -> str:
@@ -48,7 +50,7 @@ def parse_slide_id(slide_id: str) -> tuple[str, str]:
     """Slide id -> (staining, scanner): its first two ``_`` fields (plismbench
     ``prepare_features_dataframe``)."""
     m = _SLIDE_ID.match(slide_id)
-    if not m:
+    if not m or ".." in slide_id:
         raise UserError(f"slide id {slide_id!r}: expected '<STAINING>_<SCANNER>_...' such as {make_slide_id('GIV', 'AT2')}")
     return m.group(1), m.group(2)
 
@@ -212,7 +214,7 @@ def open_plism(path: str | os.PathLike) -> dict[str, TileSource]:
         shards = parquet_shards(path)
         h5s = sorted(path.glob("*.h5"))
     if shards:
-        slides: dict[str, TileSource] = dict(read_parquet_slides(shards))
+        slides: dict[str, TileSource] = _complete_slides(dict(read_parquet_slides(shards)), path)
     elif h5s:
         slides = {s.name: s for s in (H5SlideTiles(p) for p in h5s)}
     else:
@@ -221,6 +223,22 @@ def open_plism(path: str | os.PathLike) -> dict[str, TileSource]:
         parse_slide_id(sid)
     check_same_tiles({sid: s.coords for sid, s in slides.items()}, where=f"--data {path}")
     return dict(sorted(slides.items()))
+
+
+def _complete_slides(slides: dict[str, TileSource], path: Path) -> dict[str, TileSource]:
+    """A subset of parquet shards (``pathrobust data fetch plism-tiles --subset``) cuts the
+    slides at its ends: keep the slides with every tile, say which were left out."""
+    if not slides:
+        return slides
+    full = max(len(s) for s in slides.values())
+    cut = sorted(sid for sid, s in slides.items() if len(s) < full)
+    if cut and len(cut) < len(slides):
+        warnings.warn(f"--data {path}: left out {len(cut)} slide(s) with only part of their tiles in these shards "
+                      f"({', '.join(f'{sid} {len(slides[sid])}/{full}' for sid in cut[:3])}"
+                      f"{', ...' if len(cut) > 3 else ''}); fetch the neighbouring shards to include them",
+                      stacklevel=3)
+        return {sid: s for sid, s in slides.items() if sid not in cut}
+    return slides
 
 
 def warn_partial_grid(slide_ids: Iterable[str]) -> None:
@@ -299,14 +317,9 @@ def write_plismbench_features(root: str | os.PathLike, slide_id: str, levels_xy:
     levels_xy = np.asarray(levels_xy).reshape(-1, 3)
     order = sort_by_xy(levels_xy)
     table = np.concatenate([levels_xy[order].astype(np.float32), np.asarray(features, np.float32)[order]], axis=1)
-    out = Path(root) / slide_id
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / FEATURES_FILE
-    tmp = out / (FEATURES_FILE + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, table)
-    os.replace(tmp, path)
-    return path
+    parse_slide_id(slide_id)
+    path = atomic.inside(root, slide_id, FEATURES_FILE)
+    return atomic.save_npy(path, table)
 
 
 def export_h5_to_plismbench(h5_path: str | os.PathLike, root: str | os.PathLike, slide_id: str | None = None,

@@ -44,7 +44,7 @@ def _overall_dict(table: str, r: OverallRow) -> dict[str, Any]:
 
 
 def report_rows(report: Report) -> list[dict[str, Any]]:
-    """Every table row as a flat dict; ``table`` says which table (``overall``, ``plism``, ...)."""
+    """Every table row as a flat dict; ``table`` says which table (``overall`` or a suite name)."""
     rows = [_overall_dict("overall", r) for r in report.overall]
     rows += [_overall_dict("overall", r) for r in report.published_overall]
     for board in report.boards:

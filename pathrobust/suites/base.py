@@ -564,10 +564,8 @@ def resolve_data(data: str | Path | None) -> Path | None:
     """``--data``: a path, or the name of a fetched dataset (``pathrobust data fetch``)."""
     if data is None:
         return None
-    try:
-        from pathrobust.hub import resolve_data as resolve_fetched
-    except ImportError:  # the hub module is optional at this level
-        return Path(data)
+    from pathrobust.hub import resolve_data as resolve_fetched
+
     return Path(resolve_fetched(data))
 
 
