@@ -143,16 +143,37 @@ def write_feature_h5(path: Path, features: np.ndarray, coords: np.ndarray, tile_
                                 else value)
 
 
-def extract_features(encoder: Encoder, source: TileSource, out_path: str | os.PathLike, *, batch_size: int = 64,
-                     num_workers: int = 0, precision: str = "auto", device: str | torch.device | None = None,
-                     overwrite: bool = False, progress: bool = True, chunk_tiles: int = DEFAULT_CHUNK_TILES) -> Path:
+def extract_features(encoder: Encoder | str, source: TileSource | str | os.PathLike, out_path: str | os.PathLike, *,
+                     batch_size: int = 64, num_workers: int = 0, precision: str = "auto",
+                     device: str | torch.device | None = None, overwrite: bool = False, progress: bool = True,
+                     chunk_tiles: int = DEFAULT_CHUNK_TILES) -> Path:
     """Extract pooled features of every tile of ``source`` into ``out_path`` (see module doc).
+
+    Args:
+        encoder: an :class:`Encoder`, or anything :func:`pathrobust.build_encoder` takes
+            (a registered name, ``module:factory``, a distilled model folder, a spec, a module).
+        source: a :class:`~pathrobust.data.tiles.TileSource`, or a path: a folder of tiles, an
+            h5 of tiles or one slide file (a folder of several slides: loop over
+            :func:`pathrobust.data.sources.open_tile_sources`).
+        out_path: the h5 file to write.
 
     Returns ``out_path``. An existing finished file with the same provenance is reused as-is;
     one with a different provenance is an error unless ``overwrite``."""
     out_path = Path(out_path)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    if not isinstance(encoder, Encoder):
+        from pathrobust.encoders.base import build_encoder
+
+        encoder = build_encoder(encoder, device=resolve_device(device))
+    if not isinstance(source, TileSource):
+        from pathrobust.data.sources import open_tile_sources
+
+        sources = open_tile_sources(Path(source))
+        if len(sources) != 1:
+            raise UserError(f"{source}: holds {len(sources)} tile sources (slides); extract each one "
+                            "(pathrobust.data.sources.open_tile_sources) or use `pathrobust extract`")
+        source = sources[0]
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev, encoder.spec.precision)
     attrs = feature_attrs(encoder, source, precision)
@@ -180,6 +201,25 @@ def extract_features(encoder: Encoder, source: TileSource, out_path: str | os.Pa
     write_feature_h5(out_path, features, source.coords, source.tile_ids, attrs)
     shutil.rmtree(partial, ignore_errors=True)
     return out_path
+
+
+def _worker_errors_as_one_line(loader):
+    """Iterate a DataLoader; a UserError raised in a worker arrives wrapped in a multi-line
+    message holding the worker's traceback: keep the error's own last line."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except UserError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            if len(lines) <= 1:
+                raise
+            prefix = f"{UserError.__module__}.{UserError.__qualname__}:"
+            last = lines[-1]
+            raise UserError(last[len(prefix):].strip() if last.startswith(prefix) else last) from None
+        yield batch
 
 
 class FeatureCache:
@@ -261,7 +301,7 @@ def _run_chunks(encoder: Encoder, source: TileSource, partial: Path, start_chunk
     with tile_progress(f"{encoder.name} · {source.name}", total=n, completed=start, enabled=progress,
                        transient=True) as advance:
         with torch.inference_mode(), autocast(precision, dev):
-            for batch in loader:
+            for batch in _worker_errors_as_one_line(loader):
                 feats = encoder(batch.to(dev, non_blocking=True)).float().cpu().numpy()
                 buffer.append(feats)
                 buffered += len(feats)
