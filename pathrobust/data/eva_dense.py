@@ -156,7 +156,8 @@ class _Item:
 class DenseTiles(TileSource):
     """Tiles ``(size, size, 3)`` uint8 with class-index masks ``(size, size)`` uint8.
 
-    ``read(i)`` / ``mask(i)``; ``groups`` ``(N,)`` = source image of each tile. Subclasses
+    ``read(i)`` / ``mask(i)``; ``groups`` ``(N,)`` = source image of each tile; ``views``:
+    the tiles of one image are alternative views of it (random crops). Subclasses
     implement ``_load(image_index) -> (image (H, W, 3) uint8, mask (H, W) int)``; the last
     source image read is kept (tiles of one image are consecutive)."""
 
@@ -168,6 +169,8 @@ class DenseTiles(TileSource):
         self.items = list(items)
         self.size = size
         self.groups = np.array([it.image for it in self.items], dtype=np.int64)
+        # tiles are random views of their image (MoNuSAC training crops), not disjoint parts
+        self.views = any(it.params is not None for it in self.items)
         rel = [p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name for p in self.paths]
         self.tile_ids = [f"{rel[it.image]}@{self._item_id(it)}" for it in self.items]
         self.coords = np.array([(it.box[0], it.box[1]) if it.box else (it.params[1], it.params[0]) if it.params
@@ -237,14 +240,15 @@ class DenseTiles(TileSource):
 
 @dataclass
 class DenseTask:
-    """A dense task: its classes, splits, the split that trains and the one that chooses the
-    checkpoint and is reported (eva uses one split for both)."""
+    """A dense task: its classes and splits; ``train_split`` trains, ``val_split`` chooses the
+    checkpoint, ``eval_split`` is reported (eva uses one split for both of the latter)."""
 
     name: str
     labels: DenseLabels
     splits: dict[str, DenseTiles]
     root: Path
     train_split: str = "train"
+    val_split: str = "val"
     eval_split: str = "val"
     extra: dict = field(default_factory=dict)
 
@@ -330,7 +334,7 @@ def read_consep(root: str | os.PathLike, size: int = EVA_SIZE) -> DenseTask:
             raise UserError(f"{root}: CoNSeP split '{split}' is empty (no {folder}/Images/*.png)")
         splits[split] = ConsepTiles(f"consep-{split}", paths, items, size, root)
     labels = DenseLabels(CONSEP_CLASSES, num_classes=len(CONSEP_CLASSES))
-    return DenseTask("consep", labels, splits, root, train_split="train", eval_split="val")
+    return DenseTask("consep", labels, splits, root, train_split="train", val_split="val", eval_split="val")
 
 
 # -- MoNuSAC ----------------------------------------------------------------------------------
@@ -427,7 +431,7 @@ def read_monusac(root: str | os.PathLike, size: int = EVA_SIZE, train_views: int
             raise UserError(f"{root / folder}: MoNuSAC split '{split}' is empty (no *.tif)")
         splits[split] = MonusacTiles(f"monusac-{split}", paths, items, size, root)
     labels = DenseLabels(MONUSAC_CLASSES, num_classes=len(MONUSAC_CLASSES) - 1, ignore_index=MONUSAC_AMBIGUOUS)
-    return DenseTask("monusac", labels, splits, root, train_split="train", eval_split="test",
+    return DenseTask("monusac", labels, splits, root, train_split="train", val_split="test", eval_split="test",
                      extra={"train_views": train_views, "seed": seed})
 
 
@@ -502,6 +506,7 @@ def read_generic_dense(root: str | os.PathLike, size: int = EVA_SIZE, splits: Se
         labels = DenseLabels(classes, num_classes=len(classes))
     else:  # masks carry the ignored label as class len(classes) (see GenericDenseTiles)
         labels = DenseLabels((*classes, "ignore"), num_classes=len(classes), ignore_index=len(classes))
-    task = DenseTask(root.name, labels, tiles, root, train_split="train", eval_split="test" if "test" in tiles else "val")
+    task = DenseTask(root.name, labels, tiles, root, train_split="train", val_split="val",
+                     eval_split="test" if "test" in tiles else "val")
     task.extra["ignore_label"] = ignore_index
     return task
