@@ -14,6 +14,15 @@ from pathrobust.metrics.segmentation import consistency_dice, confusion_per_imag
 from pathrobust.probes.decoder import dice_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _maps(*rows):
     return np.array(rows, dtype=np.int64)
 

@@ -95,8 +95,8 @@ def resize_and_crop(image: np.ndarray, mask: np.ndarray, size: int = EVA_SIZE) -
 
     if image.shape[:2] == (size, size):
         return image, mask
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    msk = torch.from_numpy(np.ascontiguousarray(mask))
+    img = torch.from_numpy(np.require(image, requirements=['C', 'W'])).permute(2, 0, 1)
+    msk = torch.from_numpy(np.require(mask, requirements=['C', 'W']))
     img, msk = _resize_pair(img, msk, [size])
     img, msk = TF.center_crop(img, [size, size]), TF.center_crop(msk[None], [size, size])[0]
     return img.permute(1, 2, 0).contiguous().numpy(), msk.numpy()
@@ -135,8 +135,8 @@ def random_resized_crop(image: np.ndarray, mask: np.ndarray, size: int, params: 
     from torchvision.transforms.v2 import functional as TF
 
     top, left, h, w = params
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    msk = torch.from_numpy(np.ascontiguousarray(mask))[None]
+    img = torch.from_numpy(np.require(image, requirements=['C', 'W'])).permute(2, 0, 1)
+    msk = torch.from_numpy(np.require(mask, requirements=['C', 'W']))[None]
     img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     msk = TF.resized_crop(msk, top, left, h, w, [size, size], interpolation=InterpolationMode.NEAREST)
     return img.permute(1, 2, 0).contiguous().numpy(), msk[0].numpy()
