@@ -92,7 +92,14 @@ class ConvDecoderWithImage(nn.Module):
             from torchvision.transforms.functional import rgb_to_grayscale
 
             images = rgb_to_grayscale(images)
-        x = self.image_block(torch.cat([x, images], dim=1))
+        # image_block[0] applied to cat([x, images]) as the sum of its two channel groups'
+        # convolutions: the same function and weights, but backward computes no input gradient
+        # for the image channels (on CPU, ~2x faster than the 67-channel convolution's backward)
+        conv, bn, relu = self.image_block[0]
+        k = x.shape[1]
+        x = F.conv2d(x, conv.weight[:, :k], conv.bias, padding=conv.padding) + \
+            F.conv2d(images, conv.weight[:, k:], None, padding=conv.padding)
+        x = self.image_block[1](relu(bn(x)))
         return self.classifier(x)
 
 
@@ -253,18 +260,17 @@ class DecoderResult:
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` -> float32, ``(x / 255 - mean) / std`` (eva's ToDtype + Normalize),
-    channels-last (the decoder's convolutions run ~1.4x faster so on CPU)."""
+    """uint8 ``(B, 3, H, W)`` -> float32, ``(x / 255 - mean) / std`` (eva's ToDtype + Normalize)."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return ((images.float() / 255.0 - m) / s).contiguous(memory_format=torch.channels_last)
+    return (images.float() / 255.0 - m) / s
 
 
 @torch.no_grad()
 def predict_masks(decoder: nn.Module, split: DenseSplit, mean: Sequence[float], std: Sequence[float],
                   batch_size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
     """Argmax class maps ``(N, H, W)`` int64 of an eval-mode decoder on a split."""
-    decoder.eval().to(memory_format=torch.channels_last)
+    decoder.eval()
     out = []
     for start in range(0, len(split), batch_size):
         sl = slice(start, start + batch_size)
@@ -362,7 +368,6 @@ def train_decoder_runs(train: DenseSplit, val: DenseSplit, labels: DenseLabels, 
 def _train_one(decoder: ConvDecoderWithImage, train: DenseSplit, val: DenseSplit, labels: DenseLabels,
                config: DecoderConfig, mean, std, device: torch.device, generator: torch.Generator,
                progress) -> DecoderRun:
-    decoder.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(decoder.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
                             weight_decay=config.weight_decay)
     best, best_scores, best_state, best_epoch = -float("inf"), None, None, 0
