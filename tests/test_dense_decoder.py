@@ -205,6 +205,7 @@ def test_end_to_end_tokens_decoder_dice(tiny_dense, tmp_path):
         assert 0.0 <= mean <= 1.0 and std >= 0.0, key
     assert set(ev.consistency) == {"val_GIV-AT2", "val_MY-P"}
     assert all(0.0 <= m <= 1.0 for m, _ in ev.consistency.values())
+    assert set(ev.render_dice) == {"val_GIV-AT2", "val_MY-P"}
     run = ev.result.runs[0]
     assert run.predictions["val"].shape == (4, 56, 56)
     assert not math.isnan(ev.scores["dice"][0])

@@ -26,12 +26,15 @@ from pathrobust.probes.decoder import DecoderConfig, DecoderResult, DenseSplit, 
 class DenseEvaluation:
     """``scores``: metric -> (mean, std) over runs on the task's reported split;
     ``per_run``: each run's scores there; ``consistency``: rendering -> (mean, std) over runs
-    of the segmentation consistency (empty when the task has no renderings)."""
+    of the segmentation consistency against the reference rendering; ``render_dice``:
+    rendering -> (mean, std) of the headline Dice against the masks (both empty when the task
+    has no renderings)."""
 
     task: str
     scores: dict[str, tuple[float, float]]
     per_run: list[dict[str, float]]
     consistency: dict[str, tuple[float, float]] = field(default_factory=dict)
+    render_dice: dict[str, tuple[float, float]] = field(default_factory=dict)
     result: DecoderResult | None = field(default=None, repr=False)
 
 
@@ -68,4 +71,5 @@ def evaluate_dense_task(encoder: Encoder, task: DenseTask, config: DecoderConfig
     reported = None if task.eval_split == task.val_split else task.eval_split
     per_run = [r.scores if reported is None else r.split_scores[reported] for r in result.runs]
     consistency = result.consistency("val", renders) if renders else {}
-    return DenseEvaluation(task.name, result.summary(reported), per_run, consistency, result)
+    render_dice = {name: result.summary(name)["dice"] for name in renders}
+    return DenseEvaluation(task.name, result.summary(reported), per_run, consistency, render_dice, result)
