@@ -8,7 +8,10 @@ What is reproduced (kaiko-ai/eva 0.4.5: ``configs/vision/pathology/online/segmen
   nearest)`` -> Conv3x3(pad 1)-BN-ReLU (C -> 64) -> bilinear resize (align_corners False)
   to the mask size -> concatenate the normalised input image -> Conv3x3-BN-ReLU (67 -> 32)
   -> Conv3x3-BN-ReLU (32 -> 32) -> Conv1x1 (-> classes). Submodule names follow eva's
-  (``_layers``, ``image_block``, ``classifier``), so state dicts are interchangeable;
+  (``_layers``, ``image_block``, ``classifier``), so state dicts are interchangeable. The
+  67-channel convolution is computed as the sum of its feature-channel and image-channel
+  parts (same weights, same function; float32 results differ by rounding only): backward
+  then skips the input gradient of the image channels, which makes a CPU step ~20% faster;
 * loss :func:`dice_loss`: MONAI ``DiceLoss(softmax=True, batch=True)`` with its defaults
   (background included, ``smooth_nr = smooth_dr = 1e-5``, mean over classes), targets
   one-hot; eva's ``ignore_index`` handling (MoNuSAC's ambiguous class 5): those pixels get
