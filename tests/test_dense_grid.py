@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_vit_spec
 from pathrobust.data.tiles import ArrayTiles
 from pathrobust.encoders.base import build_encoder
-from pathrobust.encoders.grid import embed_token_grids, load_token_grids, token_grid
+from pathrobust.encoders.grid import embed_token_grids, load_token_grids, token_grid, token_grid_shape
 from pathrobust.errors import UserError
 from pathrobust.registry import EncoderSpec
 
@@ -70,6 +70,8 @@ def test_no_patch_tokens_is_one_line_user_error(vit):
             token_grid(enc, inp)
         msg = str(err.value)
         assert "\n" not in msg and "patch-token grid" in msg and enc.name in msg
+    assert token_grid_shape(hist) is None and token_grid_shape(vit, 10) is None
+    assert token_grid_shape(vit) == (32, 4, 4)
 
 
 def test_grid_cache_file(vit, tmp_path):

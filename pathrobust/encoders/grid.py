@@ -106,6 +106,18 @@ def token_grid(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(len(out), -1, h, w)
 
 
+@torch.inference_mode()
+def token_grid_shape(encoder: Encoder, size: int | None = None) -> tuple[int, int, int] | None:
+    """``(C, h, w)`` of the encoder's grid for ``size`` px tiles (default: its input size), or
+    None when it gives none (a suite can then skip its dense tasks for that encoder)."""
+    size = size or encoder.input_size
+    device = next(encoder.parameters(), torch.empty(0)).device
+    try:
+        return tuple(token_grid(encoder, torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device)).shape[1:])
+    except UserError:
+        return None
+
+
 def grid_attrs(encoder: Encoder, source: TileSource, dtype: str) -> dict[str, Any]:
     """Provenance and identity attributes of a grid file."""
     from pathrobust import __version__
