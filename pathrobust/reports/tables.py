@@ -216,7 +216,7 @@ def _metrics_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
 
 def _tasks_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
                  published: PublishedSuite | None) -> SuiteBoard:
-    rows, measured_tasks, real_tasks = [], set(), set()
+    rows, measured_tasks, real_tasks, separate = [], set(), set(), set(d.separate_tasks)
     for group in _latest_groups(records):
         rank_rec = next((r for r in group if r.task == d.rank_task), None)
         row = _base_row(rank_rec or group[0], group)
@@ -224,8 +224,13 @@ def _tasks_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
             if rec.task == d.rank_task:
                 continue
             task = d.canonical_task(rec.task)
-            row.values[task] = _finite(rec.metrics.get(d.task_metric))
-            row.stds[task] = _finite(rec.metrics.get(d.task_std))
+            if d.separate_metric and d.task_metric not in rec.metrics and d.separate_metric in rec.metrics:
+                separate.add(task)
+                metric, std = d.separate_metric, d.separate_std
+            else:
+                metric, std = d.task_metric, d.task_std
+            row.values[task] = _finite(rec.metrics.get(metric))
+            row.stds[task] = _finite(rec.metrics.get(std)) if std else None
             measured_tasks.add(task)
             if not rec.synthetic:
                 real_tasks.add(task)
@@ -233,17 +238,24 @@ def _tasks_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
             row.score = _finite(rank_rec.metrics.get(d.task_metric))
             row.stds["_score"] = _finite(rank_rec.metrics.get(d.task_std))
         else:  # no average recorded: the same rule over the tasks present
-            row.score = _mean(v for t, v in row.values.items() if t not in d.excluded)
+            row.score = _mean(v for t, v in row.values.items() if t not in d.excluded and t not in separate)
         rows.append(row)
-    columns = [Column(t, t) for t in sorted(measured_tasks, key=d.task_sort_key)]
+
+    def column(task: str) -> Column:
+        return Column(task, f"{task} ({d.separate_label})" if task in separate and d.separate_label else task)
+
+    def order(tasks):  # the main metric's tasks first, the separately scored ones after
+        return sorted(tasks, key=lambda t: (t in separate, *d.task_sort_key(t)))
+
+    columns = [column(t) for t in order(measured_tasks)]
 
     pub_rows, note, pub_columns = [], "", []
     if published:
         pub_tasks = {t for p in published.rows for t in p.values if t != d.rank_task}
-        pub_columns = [Column(t, t) for t in sorted(pub_tasks, key=d.task_sort_key)]
+        pub_columns = [column(t) for t in order(pub_tasks)]
         # like for like: the real benchmark's tasks measured here (synthetic tasks are not those)
-        compare = sorted(((real_tasks & pub_tasks) - set(d.excluded)), key=d.task_sort_key)
-        all_ranked = {t for t in pub_tasks if t not in d.excluded}
+        compare = sorted(((real_tasks & pub_tasks) - set(d.excluded) - separate), key=d.task_sort_key)
+        all_ranked = {t for t in pub_tasks if t not in d.excluded and t not in separate}
         use_subset = bool(compare) and set(compare) != all_ranked
         if use_subset:
             note = f"score = mean over {', '.join(compare)} (the tasks measured here)"

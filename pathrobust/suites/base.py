@@ -138,9 +138,13 @@ class LeaderboardSpec:
     task_order: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
-    # tasks reported with their own metric, shown apart and never in the average
+    # tasks scored with another metric (e.g. Dice of segmentation tasks): a row of such a task
+    # records ``separate_metric`` instead of ``task_metric``; its column is labelled
+    # "<task> (<separate_label>)" and it never enters the average; ``separate_tasks`` names
+    # them in published tables
     separate_tasks: list[str] = field(default_factory=list)
     separate_metric: str = ""
+    separate_std: str = ""
     separate_label: str = ""
     published: str = ""  # file of published rows, relative to the TOML
     scatter: list[ScatterPlot] = field(default_factory=list)
