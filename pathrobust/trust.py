@@ -7,7 +7,8 @@ Hugging Face cache, a distillation recipe) it is data, not code: importing and c
 whatever it names would let a downloaded file run anything (``"act_layer": "os:abort"``).
 Without ``trust_code=True`` (``--trust-code``) a file may only name
 
-* a layer class (an ``nn.Module`` subclass) of ``torch.nn`` or ``timm.layers``, or
+* a layer class (an ``nn.Module`` subclass, or a ``functools.partial`` of one) of
+  ``torch.nn`` or ``timm.layers``, or
 * one of pathrobust's own named builders and layers (:data:`PATHROBUST_CALLABLES`).
 
 Anything else is refused with one line naming the file and the key. Specs built in Python
@@ -20,6 +21,7 @@ its own tables and they need no check.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +34,11 @@ LAYER_MODULES = ("torch.nn", "timm.layers")
 PATHROBUST_CALLABLES = frozenset({
     "pathrobust.encoders.baselines:build_histogram",
     "pathrobust.encoders.conch:build_conch_vision",
+    "pathrobust.encoders.conch:convert_conch",
     "pathrobust.encoders.convert:LayerNormEps12",
+    "pathrobust.encoders.convert:convert_in_order",
+    "pathrobust.encoders.convert:convert_timm",
+    "pathrobust.encoders.convert:convert_transformers",
 })
 BUILDER_KEY = "builder"
 CONVERTER_KEY = "weights_format"
@@ -60,6 +66,8 @@ def is_allowed(target: str) -> bool:
         return False
     from torch import nn
 
+    while isinstance(obj, functools.partial):  # e.g. timm.layers.SwiGLUPacked = partial(GluMlp, ...)
+        obj = obj.func
     return isinstance(obj, type) and issubclass(obj, nn.Module)
 
 
