@@ -52,8 +52,8 @@ RECORDED = {
 }
 
 
-def tiny(teacher, mode, centering, steps=3, warmup=1):
-    return recipe_from_dict(tomllib.loads(tiny_recipe_toml(teacher, mode=mode, steps=steps, warmup=warmup,
+def tiny(teacher_model, mode, centering, steps=3, warmup=1):
+    return recipe_from_dict(tomllib.loads(tiny_recipe_toml(teacher_model, mode=mode, steps=steps, warmup=warmup,
                                                            centering=centering)), "tiny.toml")
 
 
