@@ -25,6 +25,7 @@ import torch
 def main() -> None:
     from pathrobust.distill.masking import sample_masks
     from pathrobust.distill.recipe import load_recipe
+    from pathrobust.distill.timing import StepTimer
     from pathrobust.distill.trainer import Distiller
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,9 +58,8 @@ def main() -> None:
     r.data.synthetic_tiles = min(r.data.synthetic_tiles, 4 * r.optim.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         d = Distiller(r, Path(tmp), device=args.device, progress=False)
-        d.clock = clock
-        if r.heads.mode == "prototypes":
-            d._fit_prototypes()  # so the timed targets are the real ones
+        d.timer = StepTimer(clock)
+        d.objective.prepare(d.batches)  # e.g. k-means prototypes, so the timed targets are the real ones
         t0 = clock()
         batches = [d.batches[s] for s in range(args.steps + 1)]
         data_s = (clock() - t0) / len(batches)
@@ -89,7 +89,7 @@ def main() -> None:
             backbone = clock() - t1
             if i == 0:
                 continue  # warm-up
-            t = d.times
+            t = d.timer.times
             heads = max(t.student - backbone, 0.0)
             rows.append({"total": total + mask_s, "teacher": t.teacher, "backbone": min(backbone, t.student),
                          "losses_heads_masking": t.losses + heads + mask_s, "optimizer": t.optimizer})

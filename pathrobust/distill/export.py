@@ -1,9 +1,13 @@
 """Export a trained student as a pathrobust encoder directory: ``model.safetensors`` plus
 ``encoder.json``, so the directory works as ``--model DIR`` in every suite and in
-``pathrobust models show DIR``."""
+``pathrobust models show DIR``.
+
+The same tensors always give the same ``model.safetensors`` bytes (so its sha256, which run
+ids are built from, is stable), and files are written with the user's umask."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -48,16 +52,39 @@ def student_spec(recipe: Recipe, backbone: nn.Module, weights_path: Path, teache
     )
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` with ``metadata``, byte for byte reproducible.
+
+    safetensors writes ``__metadata__`` from a hash map whose order changes from run to run;
+    without metadata its header is deterministic (tensors sorted by dtype, then name). So
+    the file is serialised without metadata and its JSON header rewritten with the metadata
+    first, keys sorted, padded with spaces to a multiple of 8 bytes as the format asks
+    (data offsets are relative to the end of the header, so the data is unchanged)."""
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header = {"__metadata__": {str(k): str(metadata[k]) for k in sorted(metadata)}, **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file renamed over ``path`` (the user's umask applies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
 def export_student(backbone: nn.Module, recipe: Recipe, out_dir: Path, teacher: str) -> EncoderSpec:
     """Write ``out_dir/model.safetensors`` and ``out_dir/encoder.json`` atomically."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
-    tmp = weights.with_suffix(".safetensors.tmp")
     state = {k: v.detach().float().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", "recipe": recipe.name, "teacher": teacher})
-    os.replace(tmp, weights)
+    write_atomic(weights, safetensors_bytes(state, {"format": "pt", "recipe": recipe.name, "teacher": teacher}))
     spec = student_spec(recipe, backbone, weights, teacher)
     save_spec_dir(spec, out_dir)
     return spec

@@ -7,6 +7,8 @@ Each TOML table maps to one dataclass below; unknown keys and bad values raise a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,14 +204,49 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     return value
 
 
+def _numbers(obj: Any, prefix: str = ""):
+    """``(key, value)`` of every float in a recipe (lists included), depth first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
+        elif isinstance(value, list):
+            for v in value:
+                if isinstance(v, float):
+                    yield f"{prefix}{f.name}", v
+
+
+def student_patch_size(r: Recipe) -> int | None:
+    """The student's patch side when the recipe says it (``arch_kwargs.patch_size`` or the
+    ``patchN`` of a timm name); None otherwise (the trainer checks the built model)."""
+    patch = r.student.arch_kwargs.get("patch_size")
+    if isinstance(patch, (list, tuple)) and patch:
+        patch = max(patch)
+    if isinstance(patch, int) and not isinstance(patch, bool):
+        return patch
+    found = re.search(r"patch(\d+)", r.student.arch)
+    return int(found.group(1)) if found else None
+
+
 def validate(r: Recipe) -> Recipe:
     src = r.source
 
     def bad(key: str, what: str) -> UserError:
         return UserError(f"{src}: '{key}' {what}")
 
+    for key, value in _numbers(r):  # TOML allows nan and inf, which slip past every range check
+        if not math.isfinite(value):
+            raise bad(key, f"must be a finite number, got {value}")
     if not r.name or any(c.isspace() for c in r.name):
         raise bad("name", "must be a non-empty word")
+    if not r.student.name or any(c.isspace() for c in r.student.name):
+        raise bad("student.name", "must be a non-empty word (it names the exported encoder)")
+    if not r.teacher.model.strip():
+        raise bad("teacher.model", "must name an encoder")
+    if r.seed < 0:
+        raise bad("seed", f"must be >= 0, got {r.seed}")
     if r.heads.mode not in HEAD_MODES:
         raise bad("heads.mode", f"must be one of {', '.join(HEAD_MODES)}, got '{r.heads.mode}'")
     if r.loss.centering not in CENTERINGS:
@@ -225,7 +262,8 @@ def validate(r: Recipe) -> Recipe:
         "crops.local_size": r.crops.local_size, "optim.batch_size": r.optim.batch_size, "optim.steps": r.optim.steps,
         "optim.base_lr": r.optim.base_lr, "optim.checkpoint_every": r.optim.checkpoint_every,
         "data.tile_size": r.data.tile_size, "data.target_mpp": r.data.target_mpp,
-        "data.synthetic_tiles": r.data.synthetic_tiles,
+        "data.synthetic_tiles": r.data.synthetic_tiles, "heads.warmup_lr": r.heads.warmup_lr,
+        "heads.prototype_scale": r.heads.prototype_scale,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -239,6 +277,8 @@ def validate(r: Recipe) -> Recipe:
         "optim.weight_decay": r.optim.weight_decay, "optim.weight_decay_end": r.optim.weight_decay_end,
         "optim.clip_grad": r.optim.clip_grad, "teacher.input_size": r.teacher.input_size,
         "data.workers": r.data.workers, "augment.hed_sigma": r.augment.hed_sigma, "augment.hed_bias": r.augment.hed_bias,
+        "augment.brightness": r.augment.brightness, "augment.contrast": r.augment.contrast,
+        "augment.saturation": r.augment.saturation, "augment.hue": r.augment.hue,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -254,14 +294,28 @@ def validate(r: Recipe) -> Recipe:
     for key, value in probabilities.items():
         if not 0 <= value <= 1:
             raise bad(key, f"must be in [0, 1], got {value}")
+    if r.augment.hue > 0.5:  # a hue rotation of more than half the colour circle (torchvision's limit)
+        raise bad("augment.hue", f"must be in [0, 0.5], got {r.augment.hue}")
+    if r.augment.hed_sigma > 1:  # stain concentrations are scaled by U(1 - s, 1 + s): no negative scales
+        raise bad("augment.hed_sigma", f"must be in [0, 1], got {r.augment.hed_sigma}")
     if r.masking.min_ratio > r.masking.max_ratio:
         raise bad("masking.min_ratio", "must be <= masking.max_ratio")
     if r.crops.n_global < 2:
         raise bad("crops.n_global", f"must be >= 2 (DINO pairs each global crop with another), got {r.crops.n_global}")
     for key, pair in (("crops.global_scale", r.crops.global_scale), ("crops.local_scale", r.crops.local_scale),
-                      ("augment.blur_sigma", r.augment.blur_sigma), ("optim.betas", r.optim.betas)):
+                      ("augment.blur_sigma", r.augment.blur_sigma)):
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key.startswith("crops") and pair[1] > 1):
             raise bad(key, f"must be [low, high] with 0 < low <= high{' <= 1' if key.startswith('crops') else ''}, got {pair}")
+    if len(r.optim.betas) != 2 or not all(0 <= beta < 1 for beta in r.optim.betas):
+        raise bad("optim.betas", f"must be [beta1, beta2], each in [0, 1), got {r.optim.betas}")
+    patch = student_patch_size(r)
+    if patch is not None:
+        sizes = {"crops.global_size": r.crops.global_size}
+        if r.crops.n_local:
+            sizes["crops.local_size"] = r.crops.local_size
+        for key, size in sizes.items():
+            if size < patch:
+                raise bad(key, f"= {size} is smaller than the student's {patch} px patch")
     if len(r.augment.blur_p) != r.crops.n_global or not all(0 <= p <= 1 for p in r.augment.blur_p):
         raise bad("augment.blur_p", f"needs one probability in [0, 1] per global crop ({r.crops.n_global})")
     if len(r.student.mean) != 3 or len(r.student.std) != 3 or min(r.student.std) <= 0:

