@@ -109,7 +109,7 @@ def models_show(name: Annotated[str, typer.Argument(help="Encoder name, module:f
     from pathrobust.registry import resolve_spec
     from pathrobust.weights import local_weights
 
-    spec = resolve_spec(name)
+    spec = resolve_spec(name, trust_code=True)  # shown, not run: nothing named in its files is imported
     data = spec.to_dict()
     data["spec_hash"] = spec.hash
     data["weights_local"] = local_weights(spec) if spec.pretrained else "n/a"
@@ -142,6 +142,7 @@ def extract(
     tile_size: Annotated[int, typer.Option("--tile-size", help="Slides: tile side in pixels.")] = 224,
     slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="Slides: µm/px to assume when the file has none.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="h5 (CLAM/TRIDENT-style, default) or plismbench (also writes <out>/<model>/<slide_id>/features.npy).")] = "h5",
+    trust_code: opt.TrustCode = False,
     no_progress: opt.NoProgress = False,
 ) -> None:
     """Extract pooled tile features to h5 files (one per slide / tile folder / h5), resumable.
@@ -159,13 +160,15 @@ def extract(
     from pathrobust.data.plism import export_h5_to_plismbench
     from pathrobust.data.sources import open_tile_sources
     from pathrobust.encoders.base import build_encoder
-    from pathrobust.extract import extract_features, resolve_device
+    from pathrobust.devices import resolve_device
+    from pathrobust.extract import extract_features
     from pathrobust.store import safe_name
 
     if fmt not in ("h5", "plismbench"):
         raise UserError(f"--format {fmt}: expected h5 or plismbench")
     sources = open_tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
-    encoder = build_encoder(model, pooling=pooling, weights=weights, device=resolve_device(device))
+    encoder = build_encoder(model, pooling=pooling, weights=weights, device=resolve_device(device),
+                            trust_code=trust_code)
     out_dir = out / safe_name(encoder.name)
     for source in sources:
         path = extract_features(encoder, source, out_dir / f"{source.name}.h5", batch_size=batch_size,

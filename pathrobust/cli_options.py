@@ -18,3 +18,4 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute and repl
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+TrustCode = Annotated[bool, typer.Option("--trust-code", help="Let the model folder's files (encoder.json, config.json) name code other than torch/timm layers.")]

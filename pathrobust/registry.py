@@ -348,12 +348,9 @@ def save_spec_dir(spec: EncoderSpec, path: Path) -> Path:
             data["weights_path"] = str(weights.relative_to(path.resolve()))
         except ValueError:
             data["weights_path"] = str(weights)
-    path.mkdir(parents=True, exist_ok=True)
-    out = path / SPEC_FILENAME
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(out)
-    return out
+    from pathrobust import atomic
+
+    return atomic.write_text(path / SPEC_FILENAME, json.dumps(data, indent=2) + "\n")
 
 
 # -- checkpoint-key converters -------------------------------------------------------------

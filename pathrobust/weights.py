@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pathrobust.cache import cache_dir
+from pathrobust import atomic
 from pathrobust.errors import UserError
 from pathrobust.registry import EncoderSpec
 
@@ -235,11 +236,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
             digest.update(block)
     cache[key] = digest.hexdigest()
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
-    except OSError:
+        atomic.write_text(cache_file, json.dumps(cache))
+    except (OSError, UserError):
         pass  # an unwritable cache only costs a re-hash
     return cache[key]
 

@@ -26,6 +26,7 @@ def distill_command(
     device: opt.Device = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="DataLoader workers preparing crops (overrides data.workers).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads per process (default: torch's; torchrun sets 1).")] = None,
+    trust_code: opt.TrustCode = False,
     no_progress: opt.NoProgress = False,
 ) -> None:
     """Distil a frozen teacher into a ViT student with DINO + iBOT + KoLeo (H0-mini recipe).
@@ -65,7 +66,7 @@ def distill_command(
             err_console.print(message)
 
     summary = distill(r, out, data=data, device=device, resume=resume, stop_after=stop_after,
-                      progress=not no_progress, log=log)
+                      progress=not no_progress, log=log, trust_code=trust_code)
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         last = summary.get("last", {})
         terms = " ".join(f"{k} {last[k]:.4f}" for k in ("loss", "dino", "ibot", "koleo", "cls", "patch") if k in last)

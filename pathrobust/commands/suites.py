@@ -33,6 +33,7 @@ COMMON_HELP = {
     "workers": "DataLoader worker processes (tile decoding and resizing; used for sources of 256 tiles or more).",
     "overwrite": "Recompute and replace finished outputs.",
     "protocol": "Another protocol TOML of the same shape as suites/<suite>.toml (a documented variant).",
+    "trust_code": "Let the model folder's files (encoder.json, config.json) name code other than torch/timm layers.",
     "json": "Print the run's summary as JSON instead of a table.",
     "no_progress": "Hide progress bars.",
 }
@@ -59,6 +60,7 @@ def _common_parameters(suite: Suite) -> list[inspect.Parameter]:
         p("workers", Annotated[int, typer.Option("--workers", "-j", min=0, help=COMMON_HELP["workers"])], 2),
         p("protocol", Annotated[Optional[Path], typer.Option("--protocol", help=COMMON_HELP["protocol"])], None),
         p("overwrite", Annotated[bool, typer.Option("--overwrite", help=COMMON_HELP["overwrite"])], False),
+        p("trust_code", Annotated[bool, typer.Option("--trust-code", help=COMMON_HELP["trust_code"])], False),
         p("as_json", Annotated[bool, typer.Option("--json", help=COMMON_HELP["json"])], False),
         p("no_progress", Annotated[bool, typer.Option("--no-progress", help=COMMON_HELP["no_progress"])], False),
     ]

@@ -8,12 +8,12 @@ ids are built from, is stable), and files are written with the user's umask."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pathrobust import atomic
 from pathrobust.distill.recipe import Recipe
 from pathrobust.registry import EncoderSpec, save_spec_dir
 
@@ -71,28 +71,18 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file renamed over ``path`` (the user's umask applies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def export_student(backbone: nn.Module, recipe: Recipe, out_dir: Path, teacher: str) -> EncoderSpec:
     """Write ``out_dir/model.safetensors`` and ``out_dir/encoder.json`` atomically."""
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().float().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    write_atomic(weights, safetensors_bytes(state, {"format": "pt", "recipe": recipe.name, "teacher": teacher}))
+    atomic.write_bytes(weights, safetensors_bytes(state, {"format": "pt", "recipe": recipe.name, "teacher": teacher}))
     spec = student_spec(recipe, backbone, weights, teacher)
     save_spec_dir(spec, out_dir)
     return spec
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename (never a half-written checkpoint)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary name, then rename (never a half-written checkpoint; a full
+    disk leaves no temporary file and ends as one line)."""
+    with atomic.atomic_path(path) as tmp:
+        torch.save(obj, tmp)

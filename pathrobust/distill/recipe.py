@@ -1,7 +1,8 @@
 """Distillation recipes: a TOML file -> a validated, typed :class:`Recipe`.
 
-Each TOML table maps to one dataclass below; unknown keys and bad values raise a
-:class:`UserError` naming ``<file>: <table>.<key>``. The recipe says *what* is trained
+Each TOML table maps to one dataclass below, loaded by :mod:`pathrobust.config` (the loader
+suite protocols use too); unknown keys and bad values raise a :class:`UserError` naming
+``<file>: '<table>.<key>'``; :func:`validate` adds the cross-field and range checks. The recipe says *what* is trained
 (teacher, student, heads, losses, crops, optimiser); the trainer says *how*."""
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from pathrobust.config import from_dict, read_toml
 from pathrobust.errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "distill"
@@ -155,55 +156,6 @@ class Recipe:
 
 
 # -- loading and validation ----------------------------------------------------------------
-def _build(cls: type, data: dict[str, Any], where: str, source: str):
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints or key == "source":
-            raise UserError(f"{source}: unknown key '{where}{key}' (known: {', '.join(k for k in hints if k != 'source')})")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise UserError(f"{source}: '{where}{key}' must be a table")
-            kwargs[key] = _build(hint, value, f"{where}{key}.", source)
-        else:
-            kwargs[key] = _coerce(value, hint, f"{where}{key}", source)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    text = str(hint)
-    if value is None or (value == "" and "None" in text):
-        if "None" in text:
-            return None
-        raise UserError(f"{source}: '{key}' must be set")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{source}: '{key}' must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{source}: '{key}' must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
-    if hint is str or text.startswith("str"):
-        if not isinstance(value, str):
-            raise UserError(f"{source}: '{key}' must be a string, got {value!r}")
-        return value
-    if text.startswith("list[float]"):
-        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise UserError(f"{source}: '{key}' must be a list of numbers, got {value!r}")
-        return [float(v) for v in value]
-    if text.startswith("dict"):
-        if not isinstance(value, dict):
-            raise UserError(f"{source}: '{key}' must be a table, got {value!r}")
-        return dict(value)
-    return value
-
-
 def _numbers(obj: Any, prefix: str = ""):
     """``(key, value)`` of every float in a recipe (lists included), depth first."""
     for f in dataclasses.fields(obj):
@@ -324,7 +276,9 @@ def validate(r: Recipe) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
-    recipe = _build(Recipe, data, "", source)
+    if "source" in data:
+        raise UserError(f"{source}: unknown key 'source'")
+    recipe = from_dict(Recipe, data, source)
     recipe.source = source
     return validate(recipe)
 
@@ -343,8 +297,4 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     path = find_recipe(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from None
-    return recipe_from_dict(data, str(path))
+    return recipe_from_dict(read_toml(path), str(path))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pathrobust import atomic
 from pathrobust.distill import dist as D
 from pathrobust.distill.data import Batch, StepBatches, open_training_tiles
 from pathrobust.distill.dist import init_distributed
@@ -220,9 +221,7 @@ class Distiller:
     def save_checkpoint(self) -> None:
         if self.rank == 0:
             save_atomic(self.state_dict(), self.checkpoint_path())
-            tmp = self.out_dir / (HISTORY_NAME + ".tmp")
-            tmp.write_text(json.dumps(self.history) + "\n")
-            os.replace(tmp, self.out_dir / HISTORY_NAME)
+            atomic.write_text(self.out_dir / HISTORY_NAME, json.dumps(self.history) + "\n")
         D.barrier()
 
     def resume(self) -> bool:

@@ -169,13 +169,17 @@ class Encoder(nn.Module):
 
 
 # -- building ----------------------------------------------------------------------------
-def build_encoder(model: str | EncoderSpec, *, pooling: str | None = None, weights: str | None = None,
-                  device: str | torch.device = "cpu", trust_code: bool = False) -> Encoder:
+def build_encoder(model: str | EncoderSpec | nn.Module, *, pooling: str | None = None, weights: str | None = None,
+                  device: str | torch.device = "cpu", trust_code: bool = False, transform: Any = None,
+                  name: str | None = None) -> Encoder:
     """Build an encoder ready for inference (eval mode, frozen).
 
     Args:
         model: a registered name, ``pkg.module:factory``, ``file.py:factory``, a distilled
-            model directory, or an EncoderSpec.
+            model directory, an EncoderSpec, an Encoder (returned as it is, re-pooled if
+            asked), or any ``torch.nn.Module`` (with ``transform``: its preprocessing, a
+            torchvision Compose or a timm data config; ``name``: its row name — see
+            :mod:`pathrobust.encoders.custom`).
         pooling: pooling variant (default: the spec's).
         weights: a weights file or directory; ``"random"`` for the random initialisation
             (tests, floors). Default: search as described in :mod:`pathrobust.weights`.
@@ -184,6 +188,16 @@ def build_encoder(model: str | EncoderSpec, *, pooling: str | None = None, weigh
             the weights) name builders and layers other than torch's, timm's and
             pathrobust's own (see :mod:`pathrobust.trust`).
     """
+    if isinstance(model, Encoder):
+        if pooling is None or pooling == model.pooling:
+            return model.to(device)
+        return Encoder(model.spec, model.backbone, pooling, model.weights_sha256, model.weights_source).to(device)
+    if isinstance(model, nn.Module):
+        from pathrobust.encoders.custom import encoder_from_module
+
+        encoder = encoder_from_module(model, transform=transform, name=name, pooling=pooling)
+        encoder.eval().requires_grad_(False)
+        return encoder.to(device)
     spec = resolve_spec(model, trust_code=trust_code)
     pooling = spec.check_pooling(pooling)
     backbone, sha256, source = load_backbone(spec, weights, trust_code=trust_code)

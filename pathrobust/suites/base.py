@@ -578,7 +578,7 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
               weights: str | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
               workers: int = 0, overwrite: bool = False, progress: bool = True, protocol: str | Path | None = None,
               db_path: str | Path | None = None, say: Callable[[str], None] | None = None,
-              **options: Any) -> dict[str, Any]:
+              trust_code: bool = False, **options: Any) -> dict[str, Any]:
     """Run suite ``name`` on ``model`` (or on precomputed ``features``) and return its summary.
 
     Args:
@@ -589,6 +589,7 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
         data: the dataset (path or fetched name); default: the suite's synthetic set.
         out: runs folder (``<out>/<suite>/<model>/<run-id>/`` and ``<out>/results.sqlite``).
         features: precomputed features in the suite's layout instead of ``model``.
+        trust_code: let a model folder's files name code beyond torch/timm/pathrobust layers.
         **options: the suite's own options (``pathrobust run <suite> --help``).
 
     The summary is also ``summary.json`` in the run directory; a finished run with the same
@@ -646,7 +647,7 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
         from pathrobust.extract import FeatureCache
 
         dev = resolve_device(device)
-        encoder = build_encoder(model, pooling=pooling, weights=weights, device=dev)
+        encoder = build_encoder(model, pooling=pooling, weights=weights, device=dev, trust_code=trust_code)
         precision = resolve_precision(precision, dev, encoder.spec.precision)
         model_name = encoder.name
         ident = {"spec_hash": encoder.spec.hash, "pooling": encoder.pooling, "precision": precision,
