@@ -21,6 +21,7 @@ Reproduced from kaiko-ai/eva 0.4.5 (``vision/data/wsi``: ``PatchCoordinates.from
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,22 @@ def _rgb(region) -> np.ndarray:
     return np.ascontiguousarray(data[..., :3])
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """How tiles are cut from slides: protocol parameters (values in ``suites/slides.toml``).
+
+    eva: Camelyon16-small 224 px at 0.25 µm/px, at most 1,000 tiles; PANDA-small 224 px at
+    0.5 µm/px, at most 200; both min foreground 0.35, shuffled with seed 42."""
+
+    tile_size: int = 224
+    target_mpp: float = 0.5
+    max_tiles: int | None = None
+    min_foreground: float = MIN_FOREGROUND
+    shuffle: bool = True
+    seed: int = SAMPLER_SEED
+    saturation_threshold: int = SATURATION_THRESHOLD
+
+
 class SlideTiles(TileSource):
     """Tiles of one slide on eva's foreground grid (see the module doc).
 
@@ -265,6 +282,13 @@ class SlideTiles(TileSource):
                             f"{self.min_tissue:.0%} foreground (saturation > {self.saturation_threshold})")
         self.tile_ids = [f"{x}_{y}" for x, y in self.coords]
         self._slide = None
+
+    @classmethod
+    def from_tiling(cls, path: str | os.PathLike, tiling: Tiling, name: str | None = None,
+                    slide_mpp_default: float | None = None) -> SlideTiles:
+        return cls(path, tiling.tile_size, tiling.target_mpp, tiling.min_foreground, slide_mpp_default, name,
+                   max_tiles=tiling.max_tiles, shuffle=tiling.shuffle, seed=tiling.seed,
+                   saturation_threshold=tiling.saturation_threshold)
 
     def __len__(self) -> int:
         return len(self.coords)
