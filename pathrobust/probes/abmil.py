@@ -367,8 +367,9 @@ def train_abmil_runs(train_bags, train_y, val_bags, val_y, num_classes: int, con
             idx = perms[:, k:k + bsz]  # (A, b): every run's own batch
             leaf = flat.requires_grad_(True)
             leaf.grad = None
-            for g0 in range(0, len(active), 1 if full_batch else group):
-                g1 = len(active) if full_batch else min(g0 + group, len(active))
+            span = len(active) if full_batch else group  # runs per forward/backward
+            for g0 in range(0, len(active), span):
+                g1 = min(g0 + span, len(active))
                 views = layout.views(leaf[g0:g1])
                 if full_batch:
                     out = _forward(views, layout.n_mlp, x, mask, shared=True)
