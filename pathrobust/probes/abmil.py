@@ -26,8 +26,8 @@ run; run ``r``'s generator then draws its initialisation and every epoch's order
 its 20 runs one after the other from Lightning's global generator; the run-by-run streams
 make run ``r`` independent of how long the others trained, which batching needs.)
 
-Batching: the ``R`` runs share stacked weights (one flat ``(R, P)`` tensor whose slices are the
-layers) and advance in lockstep through ``bmm``/``baddbmm`` over a run dimension; autograd gives
+Batching: the ``R`` runs share stacked weights (each layer one ``(R, out, in)`` block of a single
+buffer) and advance in lockstep through ``bmm``/``baddbmm`` over a run dimension; autograd gives
 every run its own gradient (the loss is the sum of the runs' mean losses) and AdamW is applied
 elementwise as ``torch.optim.AdamW``'s single-tensor path does. A run that stops early leaves
 the stacked tensors. When the training set fits in one batch every run sees the same bags
@@ -286,7 +286,8 @@ class ABMILRuns:
         """Every run's outputs on ``bags`` (padded ``(B, P, D)`` or a list of ``(N_i, D)``):
         ``(R, B, out)`` (``out`` = 1 for binary tasks)."""
         x, mask = _split_padding(_as_padded(bags, self.params.dtype))
-        return _shared_logits(self.params, self._layout(), x, mask, chunk_bytes)
+        layout = self._layout()
+        return _shared_logits(layout.views(self.params), layout, x, mask, chunk_bytes)
 
     def probabilities(self, bags) -> np.ndarray:
         """``(R, B)`` positive-class probabilities (binary) or ``(R, B, C)`` softmax."""
@@ -304,16 +305,43 @@ class ABMILRuns:
         return net
 
 
-def _shared_logits(params: torch.Tensor, layout: _Layout, x: torch.Tensor, mask: torch.Tensor,
-                   chunk_bytes: int) -> torch.Tensor:
-    runs = params.shape[0]
+def _shared_logits(views: dict[str, torch.Tensor], layout: _Layout, x: torch.Tensor, mask: torch.Tensor,
+                   chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Every run's outputs ``(R, B, out)`` on the same bags, in chunks of bags bounding memory."""
+    runs = views["wp"].shape[0]
     inst = x.shape[1]
     per_bag = runs * inst * (layout.h * 3 + 4) * x.element_size()  # h, the gated pair and logits
     chunk = max(1, chunk_bytes // max(per_bag, 1))
-    v = layout.views(params)
     with torch.no_grad():
-        return torch.cat([_forward(v, layout.n_mlp, x[i:i + chunk], mask[i:i + chunk], shared=True)
+        return torch.cat([_forward(views, layout.n_mlp, x[i:i + chunk], mask[i:i + chunk], shared=True)
                           for i in range(0, len(x), chunk)], dim=1)
+
+
+class _RunBlocks:
+    """Training state of ``runs`` runs in one 1-D buffer, layer-major: layer ``k`` of every run
+    is one contiguous ``(runs, out, in)`` block (the batched products read it without copies;
+    AdamW updates the whole buffer at once). Converts to and from per-run rows ``(runs, P)``."""
+
+    def __init__(self, layout: _Layout, runs: int) -> None:
+        self.layout, self.runs = layout, runs
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        r = self.runs
+        return {name: buf[r * o:r * (o + math.prod(s))].view(r, *s) for name, (o, s) in self.layout.blocks.items()}
+
+    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(rows.numel(), dtype=rows.dtype)
+        for name, view in self.views(buf).items():
+            o, s = self.layout.blocks[name]
+            view.copy_(rows[:, o:o + math.prod(s)].view(self.runs, *s))
+        return buf
+
+    def to_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        rows = torch.empty(self.runs, self.layout.size, dtype=buf.dtype)
+        for name, view in self.views(buf).items():
+            o, s = self.layout.blocks[name]
+            rows[:, o:o + math.prod(s)] = view.reshape(self.runs, -1)
+        return rows
 
 
 def train_abmil_runs(train_bags, train_y, val_bags, val_y, num_classes: int, config: ABMILConfig = ABMILConfig(),
@@ -344,9 +372,11 @@ def train_abmil_runs(train_bags, train_y, val_bags, val_y, num_classes: int, con
     layout = _Layout(config.layer_shapes(dim, 1 if binary else num_classes))
     runs = config.n_runs
     generators = run_generators(config.seed, runs)
-    flat = torch.stack([layout.pack(draw_init(g, layout.shapes, dtype)) for g in generators])
-    m, v = torch.zeros_like(flat), torch.zeros_like(flat)
-    best = flat.clone()
+    rows = torch.stack([layout.pack(draw_init(g, layout.shapes, dtype)) for g in generators])
+    blocks = _RunBlocks(layout, runs)
+    params = blocks.from_rows(rows)
+    m, v, grad = torch.zeros_like(params), torch.zeros_like(params), torch.zeros_like(params)
+    best = rows.clone()  # each run's checkpoint, as per-run rows
     best_score = np.full(runs, -np.inf)
     best_epoch = np.zeros(runs, dtype=np.int64)
     stopped = np.zeros(runs, dtype=np.int64)
@@ -362,52 +392,58 @@ def train_abmil_runs(train_bags, train_y, val_bags, val_y, num_classes: int, con
     for epoch in range(config.max_epochs):
         lr = config.lr_at_epoch(epoch)
         perms = torch.stack([torch.randperm(n, generator=generators[r]) for r in active])
+        views, grad_views = blocks.views(params), blocks.views(grad)
         for k in range(0, n, bsz):
             step += 1
             idx = perms[:, k:k + bsz]  # (A, b): every run's own batch
-            leaf = flat.requires_grad_(True)
-            leaf.grad = None
             span = len(active) if full_batch else group  # runs per forward/backward
             for g0 in range(0, len(active), span):
                 g1 = min(g0 + span, len(active))
-                views = layout.views(leaf[g0:g1])
+                # leaves sharing the buffer's storage: their gradients come back per layer
+                leaves = {name: t[g0:g1].detach().requires_grad_(True) for name, t in views.items()}
                 if full_batch:
-                    out = _forward(views, layout.n_mlp, x, mask, shared=True)
+                    out = _forward(leaves, layout.n_mlp, x, mask, shared=True)
                     yb = y[None].expand(g1 - g0, n)
                 else:
-                    rows = idx[g0:g1]
-                    a, b = rows.shape
-                    xb = torch.index_select(x, 0, rows.reshape(-1), out=gather[:a * b * inst * dim].view(a * b, inst, dim))
-                    out = _forward(views, layout.n_mlp, xb.view(a, b, inst, dim), mask[rows], shared=False)
-                    yb = y[rows]
+                    rows_b = idx[g0:g1]
+                    a, b = rows_b.shape
+                    xb = torch.index_select(x, 0, rows_b.reshape(-1), out=gather[:a * b * inst * dim].view(a * b, inst, dim))
+                    out = _forward(leaves, layout.n_mlp, xb.view(a, b, inst, dim), mask[rows_b], shared=False)
+                    yb = y[rows_b]
                 _loss(out, yb, binary).backward()
-            grad = leaf.grad
-            flat = leaf.detach()
+                for name, leaf in leaves.items():
+                    grad_views[name][g0:g1].copy_(leaf.grad)
             with torch.no_grad():
-                _adamw_(flat, grad, m, v, step, lr, beta1, beta2, config.eps, config.weight_decay)
+                _adamw_(params, grad, m, v, step, lr, beta1, beta2, config.eps, config.weight_decay)
         # validation of every live run, then early stopping / checkpoint bookkeeping per run
-        logits = _shared_logits(flat, layout, vx, vmask, 256 * 2**20)
+        logits = _shared_logits(views, layout, vx, vmask)
         scores = balanced_accuracy_batched(vy, predictions_from_logits(logits), num_classes).numpy()
         full = np.full(runs, np.nan)
         full[active] = scores
         history.append(full)
-        keep = []
+        keep, improved = [], []
         for row, r in enumerate(active):
             if scores[row] > best_score[r]:  # strictly better (min_delta = 0)
                 best_score[r], best_epoch[r], wait[r] = scores[row], epoch + 1, 0
-                best[r] = flat[row]
+                improved.append(row)
             else:
                 wait[r] += 1
             if wait[r] >= config.patience or epoch + 1 >= config.max_epochs:
                 stopped[r] = epoch + 1
             else:
                 keep.append(row)
+        if improved:
+            current = blocks.to_rows(params)
+            best[active[improved]] = current[improved]
         if progress is not None:
             progress(1)
         if len(keep) < len(active):
-            rows_kept = torch.as_tensor(keep, dtype=torch.long)
-            flat, m, v = (t.index_select(0, rows_kept).contiguous() for t in (flat, m, v))
-            active = active[keep]
+            kept = torch.as_tensor(keep, dtype=torch.long)
+            shrunk = _RunBlocks(layout, len(keep))
+            params, m, v = (shrunk.from_rows(blocks.to_rows(t).index_select(0, kept)) for t in (params, m, v))
+            grad = torch.zeros_like(params)
+            blocks, active = shrunk, active[keep]
+            gather = gather[:min(group, len(keep)) * bsz * inst * dim]
         if not len(active):
             break
     return ABMILRuns(best, dim, num_classes, config, best_score, best_epoch, stopped, history)
