@@ -81,6 +81,12 @@ class SynthSlidesConfig:
         blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    @classmethod
+    def quick(cls) -> SynthSlidesConfig:
+        """The tests' size: 6 specimens (3 folds), 2 acquisitions, 6 tiles of 112 px per slide."""
+        return cls(specimens=6, folds=3, stainings=("GV", "KRH"), scanners=("S60",), grid=(5, 4),
+                   islands=((2, 2), (1, 2)), specks=3)
+
     @property
     def reference(self) -> str:
         return acquisition_name(self.stainings[0], self.scanners[0])
