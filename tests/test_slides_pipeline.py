@@ -13,7 +13,7 @@ from pathrobust.data.slide_manifest import labels_of, read_slide_manifest
 from pathrobust.data.slides import Tiling
 from pathrobust.data.synth_slides import SynthSlidesConfig, synth_slides
 from pathrobust.encoders.base import build_encoder
-from pathrobust.metrics.classification import slide_metrics, summarise_runs
+from pathrobust.metrics.classification import slide_metrics, slide_metrics_runs, summarise_runs
 from pathrobust.metrics.concordance import cross_acquisition, score_table
 from pathrobust.probes.abmil import ABMILConfig, train_abmil_runs
 
@@ -38,6 +38,7 @@ def test_synthetic_slides_to_concordance(tmp_path):
     on_ref = [k for k, r in enumerate(test) if r.acquisition == ref]
     per_run = [slide_metrics(labels_of(test)[on_ref], probs[i, on_ref], 2) for i in range(4)]
     assert set(summarise_runs(per_run)) >= {"balanced_accuracy_mean", "auroc_mean", "f1_sd"}
+    assert slide_metrics_runs(labels_of(test)[on_ref], probs[:, on_ref], 2) == (per_run, summarise_runs(per_run))
     specimens, table = score_table([r.specimen_id for r in test], [r.acquisition for r in test], probs)
     label_of = {r.specimen_id: r.label_index for r in test}
     result = cross_acquisition(table, ref, labels=[label_of[s] for s in specimens], n_bootstrap=50)

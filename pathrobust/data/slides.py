@@ -156,9 +156,9 @@ def grid_coords(layer_shape: tuple[int, int], width: int, height: int, shuffle: 
     ys = np.arange(0, layer_shape[1] - height + 1, height, dtype=np.int64)
     xy = np.stack([np.repeat(xs, len(ys)), np.tile(ys, len(xs))], 1).reshape(-1, 2)
     if shuffle:
-        order = list(range(len(xy)))  # a list, as eva shuffles one (same draws as an array)
-        np.random.default_rng(seed).shuffle(order)
-        xy = xy[np.asarray(order, dtype=np.int64)]
+        # eva shuffles the list of indices in place; ``permutation(n)`` draws the same order
+        # (checked for lists of 1 to 100,003 indices) several times faster
+        xy = xy[np.random.default_rng(seed).permutation(len(xy))]
     return xy
 
 

@@ -176,3 +176,10 @@ def summarise_runs(per_run: list[dict[str, float]]) -> dict[str, float]:
     for key in per_run[0]:
         out[f"{key}_mean"], out[f"{key}_sd"] = mean_std([r[key] for r in per_run])
     return out
+
+
+def slide_metrics_runs(y_true, probs, num_classes: int, threshold: float = 0.5) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """:func:`slide_metrics` of every run and their mean / sample sd. ``probs`` ``(R, N)``
+    (binary) or ``(R, N, C)``. Returns ``(per_run, summary)``."""
+    per_run = [slide_metrics(y_true, p, num_classes, threshold) for p in np.asarray(probs)]
+    return per_run, summarise_runs(per_run)
