@@ -44,6 +44,7 @@ from pathrobust.metrics.knn import Neighbours, TypedNeighbours, knn
 
 TYPES = ("SS", "SO", "OS", "OO")
 CROMA_LABEL = "croma 1.0.1"
+SMALL_KMEANS = 2_000_000  # rows x dims below which k-means runs single-threaded
 
 
 # -- neighbourhoods --------------------------------------------------------------------------
@@ -296,8 +297,7 @@ def clustering_score(embeddings: np.ndarray, table: pd.DataFrame, *, k_min: int 
     """PathoROB's clustering score (module doc). ``embeddings`` are the raw features (rows
     normalised here in their own dtype, as the reference); ``table`` needs ``row``,
     ``biological_class``, ``medical_center``."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score, silhouette_score
+    from threadpoolctl import threadpool_limits
 
     combos = clustering_combinations(table)
     if not combos:
@@ -305,25 +305,11 @@ def clustering_score(embeddings: np.ndarray, table: pd.DataFrame, *, k_min: int 
                         f"the clustering score is undefined")
     sil_rows, trial_rows, combo_rows = [], [], []
     for name, rows, cls, cen in combos:
-        z = np.asarray(embeddings[rows])
-        z = z / np.sqrt((z ** 2).sum(axis=1))[:, None]
-        if fixed_k is None:
-            top = min(k_max, len(rows) - 1)
-            if top < k_min:
-                raise UserError(f"{source}: combination {name} has {len(rows)} rows, too few for K >= {k_min}")
-            ks = list(range(k_min, top + 1))
-            sil = [silhouette_score(z, KMeans(n_clusters=kk, random_state=silhouette_seed, init="random",
-                                              n_init=silhouette_n_init).fit(z).labels_, metric="cosine") for kk in ks]
-            sil_rows += [(name, kk, float(s)) for kk, s in zip(ks, sil)]
-            k_sel = ks[int(np.argmax(sil))]
-        else:
-            k_sel = fixed_k
-        scores = []
-        for t in range(trials):
-            labels = KMeans(n_clusters=k_sel, random_state=trial_seed + t, n_init=trial_n_init, init="random").fit(z).labels_
-            a_cls, a_cen = adjusted_rand_score(cls, labels), adjusted_rand_score(cen, labels)
-            trial_rows.append((name, t, a_cls, a_cen, a_cls - a_cen))
-            scores.append(a_cls - a_cen)
+        # small problems: one BLAS/OpenMP thread is ~10x faster (thread start-up dominates)
+        with threadpool_limits(1 if len(rows) * embeddings.shape[1] <= SMALL_KMEANS else None):
+            k_sel = _cluster_combination(embeddings, name, rows, cls, cen, k_min, k_max, fixed_k, silhouette_seed,
+                                         silhouette_n_init, trials, trial_seed, trial_n_init, sil_rows, trial_rows,
+                                         source)
         combo_rows.append((name, k_sel))
     trials_df = pd.DataFrame(trial_rows, columns=["combination", "trial", "ari_class", "ari_centre", "score"])
     agg = trials_df.groupby("combination", sort=False).agg(score=("score", "mean"), std=("score", "std"),
@@ -332,6 +318,32 @@ def clustering_score(embeddings: np.ndarray, table: pd.DataFrame, *, k_min: int 
     combos_df = pd.DataFrame(combo_rows, columns=["combination", "K"]).join(agg, on="combination")
     return ClusteringResult(float(combos_df["score"].mean()), float(combos_df["std"].mean()), combos_df, trials_df,
                             pd.DataFrame(sil_rows, columns=["combination", "K", "silhouette"]))
+
+
+def _cluster_combination(embeddings, name, rows, cls, cen, k_min, k_max, fixed_k, silhouette_seed, silhouette_n_init,
+                         trials, trial_seed, trial_n_init, sil_rows, trial_rows, source) -> int:
+    """K selection and trials of one combination; appends to ``sil_rows``/``trial_rows``."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    z = np.asarray(embeddings[rows])
+    z = z / np.sqrt((z ** 2).sum(axis=1))[:, None]
+    if fixed_k is None:
+        top = min(k_max, len(rows) - 1)
+        if top < k_min:
+            raise UserError(f"{source}: combination {name} has {len(rows)} rows, too few for K >= {k_min}")
+        ks = list(range(k_min, top + 1))
+        sil = [silhouette_score(z, KMeans(n_clusters=kk, random_state=silhouette_seed, init="random",
+                                          n_init=silhouette_n_init).fit(z).labels_, metric="cosine") for kk in ks]
+        sil_rows.extend((name, kk, float(s)) for kk, s in zip(ks, sil))
+        k_sel = ks[int(np.argmax(sil))]
+    else:
+        k_sel = fixed_k
+    for t in range(trials):
+        labels = KMeans(n_clusters=k_sel, random_state=trial_seed + t, n_init=trial_n_init, init="random").fit(z).labels_
+        a_cls, a_cen = adjusted_rand_score(cls, labels), adjusted_rand_score(cen, labels)
+        trial_rows.append((name, t, a_cls, a_cen, a_cls - a_cen))
+    return k_sel
 
 
 # -- APD reductions --------------------------------------------------------------------------
