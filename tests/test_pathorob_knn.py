@@ -141,3 +141,25 @@ def test_bad_input_is_one_line_user_error():
         with pytest.raises(err) as info:
             knn(bad, 3, groups=g, source="feats.h5")
         assert "\n" not in str(info.value) and "feats.h5" in str(info.value)
+
+
+def test_typed_counts_with_groups_spanning_cells():
+    """Cases holding several classes (Tolkach ESCA): own-group rows of the wanted type are not eligible."""
+    lab = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    cen = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    grp = np.array([0, 0, 1, 1, 2, 2, 2, 3])
+    so = TypedNeighbours(lab, cen, grp, "SO").eligible_counts(np.arange(8))
+    os_ = TypedNeighbours(lab, cen, grp, "OS").eligible_counts(np.arange(8))
+    np.testing.assert_array_equal(so, [2, 2, 2, 2, 2, 2, 2, 2])
+    np.testing.assert_array_equal(os_, [1, 1, 1, 1, 1, 0, 1, 2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cuda_search_equals_cpu_and_brute_force(dtype):
+    x, g = near_tie_data(seed=8)
+    ref = brute_force(x, 15, g)
+    got = knn(x.astype(dtype), 15, groups=g, order="exact", device="cuda", chunk=100)
+    np.testing.assert_array_equal(got.indices, ref)
+    cpu = knn(x.astype(dtype), 15, groups=g, device="cpu")
+    np.testing.assert_array_equal(np.sort(got.indices, axis=1), np.sort(cpu.indices, axis=1))

@@ -1,6 +1,6 @@
 """Exact k-nearest neighbours by cosine similarity, chunked, CPU or CUDA, in O(chunk · n) memory.
 
-Rows are L2-normalised (in float64, then cast to the compute dtype); neighbours are ordered by
+Rows are L2-normalised (norms in float64, then cast to the compute dtype); neighbours are ordered by
 cosine similarity, which on unit vectors is the order of Euclidean distance (PathoROB's
 ``KNeighborsClassifier`` on ``Normalizer``-ed embeddings) and of cosine distance (croma's
 ``NearestNeighbors(metric="cosine")``).
@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from pathrobust.errors import UserError
-from pathrobust.metrics.plism import normalize_rows
 
 DEFAULT_PAD = 16
 CPU_BLOCK_BYTES = 256 * 2**20
@@ -141,24 +140,21 @@ class TypedNeighbours(Exclusion):
 
     def eligible_counts(self, rows: np.ndarray) -> np.ndarray:
         lab, cen, grp = self.labels, self.centres, self.groups.codes
-        n_lab, n_cen = lab.max() + 1, cen.max() + 1
-        cell = np.zeros((n_lab, n_cen), np.int64)
-        np.add.at(cell, (lab, cen), 1)
-        # rows of the query's own group that are of the wanted type (a group may span cells)
-        key = (grp.astype(np.int64) * n_lab + lab) * n_cen + cen
-        uniq, cnt = np.unique(key, return_counts=True)
-        per_group_cell = dict(zip(uniq.tolist(), cnt.tolist()))
-        out = np.empty(len(rows), np.int64)
-        for o, r in enumerate(rows):
-            lq, cq, gq = lab[r], cen[r], grp[r]
-            if self.kind == "SO":
-                total = cell[lq].sum() - cell[lq, cq]
-                own = sum(per_group_cell.get((gq * n_lab + lq) * n_cen + c, 0) for c in range(n_cen) if c != cq)
-            else:
-                total = cell[:, cq].sum() - cell[lq, cq]
-                own = sum(per_group_cell.get((gq * n_lab + l) * n_cen + cq, 0) for l in range(n_lab) if l != lq)
-            out[o] = total - own
-        return out
+        n_lab, n_cen = int(lab.max()) + 1, int(cen.max()) + 1
+
+        def count(key: np.ndarray) -> np.ndarray:  # number of rows sharing each row's key
+            inverse = np.unique(key, return_inverse=True)[1]
+            return np.bincount(inverse)[inverse]
+
+        lc = lab * n_cen + cen
+        per_lc, per_l, per_c = count(lc), count(lab), count(cen)
+        grp = grp.astype(np.int64)
+        per_glc = count((grp * n_lab + lab) * n_cen + cen)  # a group may span cells (cases with classes)
+        if self.kind == "SO":  # same label, other centre, other group
+            eligible = (per_l - per_lc) - (count(grp * n_lab + lab) - per_glc)
+        else:  # other label, same centre, other group
+            eligible = (per_c - per_lc) - (count(grp * n_cen + cen) - per_glc)
+        return eligible[rows]
 
 
 def _factorize(values: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -244,8 +240,8 @@ def knn(x: np.ndarray | torch.Tensor, k: int, *, groups: Sequence | None = None,
         raise UserError(f"{source}: row {int(queries[worst])} has {int(eligible[worst])} eligible neighbours "
                         f"(other groups), fewer than k = {k}; lower k or add rows from other slides")
     cdtype = compute_dtype_for(x)
-    x64 = normalize_rows(x, torch.float64, device)
-    xc = x64 if cdtype == torch.float64 else x64.to(cdtype)
+    x64 = UnitRows(x, device)
+    xc = x64.all(cdtype)
     window = 2 * (dot_error_bound(d, cdtype) + dot_error_bound(d, torch.float64))
     chunk = chunk or default_chunk(n, xc.element_size(), device)
     out_idx = np.empty((len(queries), k), np.int64)
@@ -272,7 +268,7 @@ def _block(xc: torch.Tensor, rows: torch.Tensor, exclusion: Exclusion) -> torch.
     return sims
 
 
-def _search_rows(xc: torch.Tensor, x64: torch.Tensor, rows: torch.Tensor, k: int, exclusion: Exclusion,
+def _search_rows(xc: torch.Tensor, x64: "UnitRows", rows: torch.Tensor, k: int, exclusion: Exclusion,
                  window: float, pad: int, ranks: np.ndarray, exact_values: bool) -> tuple[np.ndarray, np.ndarray]:
     n = xc.shape[0]
     fetch = min(n, k + pad)
@@ -320,7 +316,37 @@ def _boundary_overflow(vals: np.ndarray, k: int, window: float) -> np.ndarray:
     return _close_gaps(vals[:, k - 1:], window).all(axis=1)
 
 
-def _float64_dots(x64: torch.Tensor, a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
+class UnitRows:
+    """The rows divided by their float64 norms (``F.normalize`` in float64), without keeping a
+    float64 copy of the matrix unless float64 is the compute dtype: rows are rebuilt in
+    float64 when gathered (``self[idx]``)."""
+
+    def __init__(self, x: np.ndarray | torch.Tensor, device: torch.device, block: int = 8192) -> None:
+        t = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        self.x = t.to(device)
+        self.device = device
+        self.block = block
+        self.norms = torch.cat([self.x[s:s + block].double().norm(dim=1) for s in range(0, len(self.x), block)])
+        self._full64: torch.Tensor | None = None
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._full64 is not None:
+            return self._full64[idx]
+        return self.x[idx].double() / self.norms[idx, None]
+
+    def all(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every unit row in ``dtype`` (float64: kept and reused for gathers)."""
+        parts = [(self.x[s:s + self.block].double() / self.norms[s:s + self.block, None]).to(dtype)
+                 for s in range(0, len(self.x), self.block)]
+        out = torch.cat(parts)
+        if dtype == torch.float64:
+            self._full64 = out
+        return out
+
+
+def _float64_dots(x64: UnitRows, a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
     """``x64[a_i] · x64[b_i]`` in float64, pair by pair, gathered on the device in blocks small
     enough to stay in cache (large gathers are page-fault bound on CPU)."""
     ia_all = torch.from_numpy(np.ascontiguousarray(a)).to(x64.device)
@@ -332,7 +358,7 @@ def _float64_dots(x64: torch.Tensor, a: np.ndarray, b: np.ndarray, block: int = 
     return torch.cat(parts).cpu().numpy() if parts else np.empty(0, np.float64)
 
 
-def _resolve_clusters(x64: torch.Tensor, rows: np.ndarray, vals: np.ndarray, idx: np.ndarray, ranks: np.ndarray,
+def _resolve_clusters(x64: "UnitRows", rows: np.ndarray, vals: np.ndarray, idx: np.ndarray, ranks: np.ndarray,
                       window: float) -> tuple[np.ndarray, np.ndarray]:
     """Re-order by float64 similarity (ties by index) the near-tie clusters that contain one of
     the 1-based ``ranks``. ``vals``/``idx`` ``(q, K)`` sorted descending; returns new arrays."""

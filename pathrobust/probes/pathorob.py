@@ -10,7 +10,7 @@ view table of :mod:`pathrobust.data.pathorob` (:data:`~pathrobust.data.pathorob.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -61,8 +61,10 @@ class PathorobParams:
     chunk: int | None = None
 
     @classmethod
-    def from_mapping(cls, d: Mapping, source: str = "pathorob") -> "PathorobParams":
-        """From one ``[datasets.<name>]`` TOML table (sub-tables ``ri``, ``clustering``, ``apd``)."""
+    def from_mapping(cls, d: Mapping, source: str = "pathorob", search: Sequence = ()) -> "PathorobParams":
+        """From one ``[datasets.<name>]`` TOML table (sub-tables ``ri``, ``clustering``, ``apd``;
+        other keys, such as ``views``, belong to the reader). ``search``: folders where a
+        ``case_splits`` file named in ``[apd]`` is looked up (the PathoROB metadata folder)."""
         ri = dict(d.get("ri", {}))
         if "k" not in ri:
             raise UserError(f"{source}: [ri] needs k")
@@ -73,11 +75,16 @@ class PathorobParams:
             raise UserError(f"{source}: [ri] has unknown key(s) {', '.join(sorted(extra))}")
         clustering = d.get("clustering")
         if clustering is not None and clustering.get("enabled", True):
-            clustering = ClusteringParams(**{k: v for k, v in clustering.items() if k != "enabled"})
+            fields = {k: v for k, v in clustering.items() if k != "enabled"}
+            extra = set(fields) - set(ClusteringParams.__dataclass_fields__)
+            if extra:
+                raise UserError(f"{source}: [clustering] has unknown key(s) {', '.join(sorted(extra))}")
+            clustering = ClusteringParams(**fields)
         else:
             clustering = None
         apd = d.get("apd")
-        apd = ApdDesign.from_mapping(apd, f"{source}.apd") if apd is not None and apd.get("enabled", True) else None
+        apd = (ApdDesign.from_mapping({k: v for k, v in apd.items() if k != "enabled"}, f"{source}.apd", search)
+               if apd is not None and apd.get("enabled", True) else None)
         ri["variants"] = tuple(ri.get("variants", ()))
         return cls(clustering=clustering, apd=apd, **ri)
 

@@ -34,10 +34,13 @@ they move in sorted order, so a run is reproducible.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -80,22 +83,47 @@ class ApdDesign:
         return 10 ** np.linspace(lo, hi, int(num))
 
     @classmethod
-    def from_mapping(cls, d: Mapping, source: str = "apd") -> "ApdDesign":
+    def from_mapping(cls, d: Mapping, source: str = "apd", search: Sequence[str | os.PathLike] = ()) -> "ApdDesign":
         """From a TOML table: ``id_centres, ood_centres, classes, patches_per_slide,
-        train_slides`` (+ optional ``iterations, seed, c_exponents, max_iter, case_splits``)."""
+        train_slides`` (+ optional ``iterations, seed, c_exponents, max_iter, case_splits``).
+        ``case_splits`` may be a mapping or a JSON file name (PathoROB's
+        ``tolkach_splits.json``) looked up in the ``search`` folders."""
         required = ("id_centres", "ood_centres", "classes", "patches_per_slide", "train_slides")
         missing = [k for k in required if k not in d]
         if missing:
             raise UserError(f"{source}: missing {', '.join(missing)}")
+        extra = set(d) - set(required) - {"iterations", "seed", "c_exponents", "max_iter", "case_splits"}
+        if extra:
+            raise UserError(f"{source}: unknown key(s) {', '.join(sorted(extra))}")
         slides = tuple(tuple(tuple(int(v) for v in row) for row in split) for split in d["train_slides"])
+        case_splits = d.get("case_splits")
+        if isinstance(case_splits, (str, os.PathLike)):
+            case_splits = _load_case_splits(case_splits, search, source)
         design = cls(tuple(d["id_centres"]), tuple(d["ood_centres"]), tuple(d["classes"]), int(d["patches_per_slide"]),
                      slides, int(d.get("iterations", 20)), int(d.get("seed", 1000)),
-                     tuple(d.get("c_exponents", (-8.0, 4.0, 15))), int(d.get("max_iter", 100)), d.get("case_splits"))
+                     tuple(d.get("c_exponents", (-8.0, 4.0, 15))), int(d.get("max_iter", 100)), case_splits)
         shape = np.asarray(slides).shape
         if len(shape) != 3 or shape[1:] != (len(design.id_centres), len(design.classes)) or shape[0] < 2:
             raise UserError(f"{source}: train_slides has shape {shape}; expected (n_splits >= 2, "
                             f"{len(design.id_centres)} centres, {len(design.classes)} classes)")
+        if case_splits is not None:
+            for part in ("train", "test"):
+                absent = [c for c in design.id_centres if c not in case_splits.get(part, {})]
+                if absent:
+                    raise UserError(f"{source}: case_splits has no {part} splits for centre {absent[0]!r}")
         return design
+
+
+def _load_case_splits(name: str | os.PathLike, search: Sequence[str | os.PathLike], source: str) -> dict:
+    candidates = [Path(name)] if Path(name).is_absolute() else [Path(d) / name for d in search] + [Path(name)]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise UserError(f"{source}: case_splits file {name} not found (PathoROB's pathorob/resources/{Path(name).name}; "
+                        f"looked in {', '.join(str(d) for d in search) or 'the working directory'})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
 @dataclass
