@@ -143,6 +143,12 @@ def test_manifest_reader(tmp_path):
     assert len(data.tiles) == 8 and data.tiles.read(3)[0, 0, 0] == 30
     assert len(data.view("ri")) == 6 and len(data.view("apd")) == 8
     assert set(data.view("ri").medical_center) == {"H1", "H2"}
+    paired = pd.DataFrame([{**r, "subset": s} for s in ("H1_H2", "H1_H3") for r in rows[:6]
+                           if r["centre"] in s.split("_")])
+    paired.to_csv(tmp_path / "paired.csv", index=False)
+    pdata = D.read_manifest(tmp_path / "paired.csv")
+    assert len(pdata.tiles) == 6 and len(pdata.view("ri")) == 9  # H1's three images sit in both subsets
+    assert sorted(pdata.view("ri").subset.unique()) == ["H1_H2", "H1_H3"] and len(pdata.view("clustering")) == 6
     pd.DataFrame(rows).drop(columns=["centre"]).to_csv(tmp_path / "no_centre.csv", index=False)
     with pytest.raises(UserError, match="no_centre.csv: missing column 'medical_center'"):
         D.read_manifest(tmp_path / "no_centre.csv")

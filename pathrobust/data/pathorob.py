@@ -362,23 +362,21 @@ def read_manifest(path: str | os.PathLike, name: str | None = None) -> PathorobD
     absent = next((i for i, p in enumerate(paths) if not p.is_file()), None)
     if absent is not None:
         raise UserError(f"{path}: row {absent}: image {table['image_path'].iloc[absent]} not found")
-    paired = not set(table["subset"]) <= {"ID", "OOD"}
-    tile_key = table["image_path"]
-    first = ~tile_key.duplicated()
-    tiles_table = table[first].reset_index(drop=True)
-    row_of = pd.Series(np.arange(len(tiles_table)), index=tiles_table["image_path"])
-    table.insert(0, "row", row_of.loc[tile_key].to_numpy())
+    # one tile per image; a paired design may list an image once per subset
+    first = ~table["image_path"].duplicated()
+    tile_of = pd.Series(np.arange(int(first.sum())), index=table.loc[first, "image_path"])
+    table.insert(0, "row", tile_of.loc[table["image_path"]].to_numpy())
     table["patch_id"] = table["image_path"]
-    views = []
-    ri = table if paired else table[table["subset"] != "OOD"]
-    views.append(ri.assign(view="ri"))
-    views.append((tiles_table.assign(row=np.arange(len(tiles_table)), patch_id=tiles_table["image_path"])
-                  if paired else ri).assign(view="clustering"))
+    tiles_table = table[first].reset_index(drop=True)
+    paired = not set(table["subset"]) <= {"ID", "OOD"}
+    if paired:
+        tiles_table["subset"] = "ID"
+    in_domain = table if paired else table[table["subset"] != "OOD"]
+    views = [in_domain.assign(view="ri"),
+             (tiles_table if paired else in_domain).assign(view="clustering")]
     if not paired and (table["subset"] == "OOD").any():
         views.append(table.assign(view="apd"))
-    tiles_table.insert(0, "row", np.arange(len(tiles_table)))
-    tiles_table["patch_id"] = tiles_table["image_path"]
-    tiles = ManifestTiles(name or path.stem, [paths[i] for i in np.nonzero(first.to_numpy())[0]],
-                          tiles_table["image_path"].tolist())
+    name = name or path.stem
+    tiles = ManifestTiles(name, [paths[i] for i in np.nonzero(first.to_numpy())[0]], tiles_table["image_path"].tolist())
     view_table = pd.concat(views, ignore_index=True)[list(VIEW_COLUMNS)]
-    return PathorobData(name or path.stem, tiles, tiles_table, view_table, {v: str(path) for v in view_table.view.unique()})
+    return PathorobData(name, tiles, tiles_table, view_table, {v: str(path) for v in view_table["view"].unique()})
