@@ -12,11 +12,12 @@ Which rows each metric uses is PathoROB's code, not the hub: its ``data/metadata
 (columns ``subset, slide_id, patch_id, biological_class, medical_center``) select and order
 them, and ``subset`` there names ID/OOD or, in ``tcga_2x2.csv``, the 2 × 2 subset of each
 occurrence. :data:`DEFAULT_VIEWS` lists the file per metric (``get_meta``, ``load_data``,
-clustering ``compute``); RI and clustering rows drop ``subset == "OOD"``. Three of them are
-the hub table itself (:data:`HUB_TABLE`) and are read from the parquet when the CSV is absent;
-the others (``camelyon_reduced.csv``, ``tcga_2x2.csv``, ``tolkach_esca_reduced.csv``) are
-stored samples that no filter reproduces, so they must be given (``metadata_dir``, or a
-``metadata/`` folder beside ``data/``). Views are joined to the parquet by
+clustering ``compute``); RI and clustering rows drop ``subset == "OOD"``. ``camelyon.csv`` and
+``tolkach_esca.csv`` hold the hub table itself (:data:`HUB_TABLE`; assumed in the hub's row
+order) and are read from the parquet when the CSV is absent; the others
+(``camelyon_reduced.csv``, ``tcga_2x2.csv``, ``tcga_4x4.csv``, ``tolkach_esca_reduced.csv``)
+select from the hub corpus in ways no filter reproduces, so they must be given
+(``metadata_dir``, or a ``metadata/`` folder beside ``data/``). Views are joined to the parquet by
 ``(slide_id, patch_id)`` and keep the CSV's row order (APD's slide chunks depend on it).
 
 Every dataset becomes one :class:`~pathrobust.data.tiles.TileSource` (all parquet rows in file
@@ -55,8 +56,9 @@ DEFAULT_VIEWS: dict[str, dict[str, str]] = {
     "tolkach_esca": {"ri": "tolkach_esca_reduced.csv", "apd": "tolkach_esca.csv",
                      "clustering": "tolkach_esca_reduced.csv"},
 }
-# the metadata file whose rows are exactly the hub table (22,402 Camelyon and 16,300 ESCA patches)
-HUB_TABLE = {"camelyon": "camelyon.csv", "tcga": "tcga_4x4.csv", "tolkach_esca": "tolkach_esca.csv"}
+# the metadata file whose rows are the hub table (22,402 Camelyon and 16,300 ESCA patches, as the
+# CSVs); TCGA has none: its hub corpus also feeds tcga_2x2.csv, so tcga_4x4.csv must be given
+HUB_TABLE = {"camelyon": "camelyon.csv", "tolkach_esca": "tolkach_esca.csv"}
 DROP_OOD = ("ri", "clustering")
 INFO_FILE = "pathorob.json"  # optional marker written by synthetic generators: {"dataset": name, ...}
 
