@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pathrobust.cli import console, data_app, err_console, reflow_help, run_app
+from pathrobust.errors import UserError
 from pathrobust.suites.base import Suite, iter_options, list_suites
 
 COMMON_HELP = {
@@ -210,8 +211,13 @@ def make_synth_command(suite: Suite):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[f.name] = value
         flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(synthetic)}
-        checked = from_dict(type(synthetic), {**to_dict(synthetic), **overrides}, "command line")
-        del checked  # validated (ranges, types); the suite builds from the overrides
+        try:  # the same checks as the TOML's [synthetic] table, named by option
+            from_dict(type(synthetic), {**to_dict(synthetic), **overrides}, "synth")
+        except UserError as exc:
+            message = str(exc).removeprefix("synth: ")
+            for name, flag in flags.items():
+                message = message.replace(f"'{name}'", flag).replace(f"'{name}[", f"{flag}[")
+            raise UserError(message) from None
         path = suite.build_synthetic(Path(out), overrides, progress)
         err_console.print(f"[green]✓[/] {path}  (synthetic {suite.name} data; options: "
                           f"{', '.join(flags[k] + '=' + str(v) for k, v in overrides.items()) or 'defaults'})",
