@@ -75,7 +75,7 @@ def test_forward_equals_eva_layer_sequence(training):
 
 
 @pytest.mark.parametrize("grid,size,greyscale", [((4, 4), (30, 30), False), ((3, 5), (17, 40), False),
-                                                   ((16, 16), (224, 224), False), ((2, 2), (9, 9), True)])
+                                                   ((8, 8), (112, 112), False), ((2, 2), (9, 9), True)])
 def test_reordered_forward_equals_literal_layers_with_gradients(grid, size, greyscale):
     """forward (taps at grid resolution + interpolation matrices, matmul classifier) is the
     same function as the literal layer sequence, and so are its parameter gradients."""

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from pathrobust.config import at_least, each, one_of, positive, probability
-from pathrobust.data.eva import TASK_ALIASES, TASKS, EvaDataset, EvaResizeCrop, discover_datasets, read_task
+from pathrobust.data.eva import TASK_ALIASES, EvaDataset, EvaResizeCrop, discover_datasets, read_task
 from pathrobust.data.eva_dense import DenseTask, read_consep, read_generic_dense, read_monusac
 from pathrobust.errors import UserError
 from pathrobust.metrics.classification import mean_std
@@ -273,9 +273,19 @@ class EvaData:
     patch: dict[str, tuple[Path, EvaDataset]]
     dense: dict[str, DenseEntry]
     named: bool = False
+    _prints: dict[Path, str] = field(default_factory=dict, repr=False)
 
     def roots(self) -> dict[str, Path]:
         return {**{t: root for t, (root, _) in self.patch.items()}, **{t: e.root for t, e in self.dense.items()}}
+
+    def fingerprint(self, task: str) -> str:
+        """Content fingerprint of the task's dataset folder (computed once per folder)."""
+        root = self.roots()[task]
+        if root not in self._prints:
+            from pathrobust.data.identity import fingerprint_tree
+
+            self._prints[root] = fingerprint_tree(root)
+        return self._prints[root]
 
 
 def _read_dense(layout: str, root: Path, size: int, task: DenseTaskProtocol, seed: int) -> DenseTask:
@@ -541,8 +551,8 @@ class EvaSuite(Suite):
         patch, dense, read = {}, {}, {}
         for task in chosen:
             kind, root, proto = offered[task]
-            if proto is None:
-                patch[task] = (root, read_task(task if kind in TASKS or kind == "class_folder" else kind, root))
+            if proto is None:  # a patch task: eva's layout (task = its name) or class folders
+                patch[task] = (root, read_task(task, root))
                 continue
             layout = kind.removeprefix("dense:")
             size = proto.size or dense_proto.size
@@ -553,9 +563,7 @@ class EvaSuite(Suite):
         return EvaData(patch, dense, named=bool(options.tasks))
 
     def data_fingerprint(self, path: Path, data: EvaData, options: EvaOptions) -> str:
-        prints: dict[Path, str] = {}
-        return ",".join(f"{task}={prints.setdefault(root, _task_fingerprint(root))}"
-                        for task, root in data.roots().items())
+        return ",".join(f"{task}={data.fingerprint(task)}" for task in data.roots())
 
     def evaluate(self, ctx: RunContext) -> SuiteResult:
         from pathrobust.encoders.grid import grid_problem
@@ -572,12 +580,6 @@ class EvaSuite(Suite):
                 notes.append(f"dense tasks {', '.join(dense)}: not applicable, {problem} (no row recorded)")
                 ctx.log.warning("%s", notes[-1])
                 dense = {}
-        roots = data.roots()
-        fingerprints: dict[Path, str] = {}
-
-        def fingerprint(task: str) -> str:
-            return fingerprints.setdefault(roots[task], _task_fingerprint(roots[task]))
-
         size = self.protocol.transform.size
         results = []
         for task, (root, dataset) in data.patch.items():
@@ -596,9 +598,9 @@ class EvaSuite(Suite):
         dense_results = [self._dense_task(ctx, entry) for entry in dense.values()]
 
         rows = [TaskRow(r.task, {"balanced_accuracy_mean": r.mean_std[0], "balanced_accuracy_std": r.mean_std[1]},
-                        r.to_dict(), data_fingerprint=fingerprint(r.task)) for r in results]
+                        r.to_dict(), data_fingerprint=data.fingerprint(r.task)) for r in results]
         rows += [TaskRow(r.task, r.metrics(), {k: v for k, v in r.to_dict().items() if not k.endswith(("_mean", "_std"))},
-                         data_fingerprint=fingerprint(r.task)) for r in dense_results]
+                         data_fingerprint=data.fingerprint(r.task)) for r in dense_results]
         summary: dict[str, Any] = {"data": str(ctx.data_path), "transform": f"resize{size}-crop{size}",
                                    "tasks": {r.task: r.to_dict() for r in results},
                                    "dense": {r.task: r.to_dict() for r in dense_results}}
@@ -647,12 +649,6 @@ class EvaSuite(Suite):
                              {name: len(tiles) for name, tiles in task.splits.items()})
         ctx.log.info("%s: Dice %.4f ± %.4f on %s", entry.task, *ev.scores["dice"], task.eval_split)
         return result
-
-
-def _task_fingerprint(root: Path) -> str:
-    from pathrobust.data.identity import fingerprint_tree
-
-    return fingerprint_tree(root)
 
 
 def run_eva(model: Any, data: str | Path | None = None, tasks: list[str] | None = None, out: str | Path = "runs", *,
