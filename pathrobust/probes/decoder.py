@@ -17,7 +17,7 @@ What is reproduced (kaiko-ai/eva 0.4.5: ``configs/vision/pathology/online/segmen
   to 9 x 32 tap channels at grid resolution followed by the resize's interpolation matrices
   (shifted per tap) as two matrix products, so no 64-channel full-resolution map is built or
   convolved; the 1x1 classifier is a batched matrix product. A CPU training step on a
-  ViT-B/14 grid at 224 px is ~1.6x faster than the literal sequence;
+  ViT-B/14 grid at 224 px is ~1.7x faster than the literal sequence (benchmarks/dense_decoder.py);
 * loss :func:`dice_loss`: MONAI ``DiceLoss(softmax=True, batch=True)`` with its defaults
   (background included, ``smooth_nr = smooth_dr = 1e-5``, mean over classes), targets
   one-hot; eva's ``ignore_index`` handling (MoNuSAC's ambiguous class 5): those pixels get
