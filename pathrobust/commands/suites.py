@@ -167,11 +167,16 @@ def print_summary(suite: Suite, summary: dict[str, Any]) -> None:
         table.add_column("task")
         table.add_column(lb.task_metric.replace("_", " "), justify="right")
         for task, metrics in rows.items():
-            value, std = metrics.get(lb.task_metric), metrics.get(lb.task_std)
+            metric, std_metric, label = lb.task_metric, lb.task_std, task
+            if lb.separate_metric and metric not in metrics and lb.separate_metric in metrics:
+                metric, std_metric, label = lb.separate_metric, lb.separate_std, f"{task} ({lb.separate_label})"
+            value, std = metrics.get(metric), metrics.get(std_metric) if std_metric else None
             text = "—" if value is None else f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
-            name = f"[bold]{task}[/]" if task == lb.rank_task else task
+            name = f"[bold]{task}[/]" if task == lb.rank_task else label
             table.add_row(name, text)
     console.print(table)
+    for note in summary.get("notes", []):
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     err_console.print(f"[green]✓[/] {summary['run_dir']}", highlight=False, soft_wrap=True)
 
 
