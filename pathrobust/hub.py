@@ -983,8 +983,9 @@ def verify_weights(spec, weights_path: Path, config: dict[str, Any] | None, sour
     1B-parameter model costs no memory. Returns the number of tensors checked."""
     import torch
 
-    from pathrobust.encoders.base import create_backbone
-    from pathrobust.weights import _converter, architecture_from_config, check_fits, read_state_dict
+    from pathrobust.encoders.backbone import architecture_from_config, create_backbone
+    from pathrobust.registry import get_converter
+    from pathrobust.weights import check_fits, read_state_dict
 
     arch, kwargs = architecture_from_config(spec, config)
     try:
@@ -993,7 +994,7 @@ def verify_weights(spec, weights_path: Path, config: dict[str, Any] | None, sour
     except Exception:  # an architecture that cannot be built on meta: build it for real
         module = create_backbone(spec, kwargs, arch)
     sd = read_state_dict(weights_path)
-    sd = _converter(spec.weights_format)(sd, module)
+    sd = get_converter(spec)(sd, module)
     check_fits(module, sd, source)
     return len(sd)
 

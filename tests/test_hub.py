@@ -161,8 +161,7 @@ H0_CONFIG = {"architecture": "vit_base_patch14_reg4_dinov2", "num_classes": 0,
 def tiny_h0_mini_state_dict() -> dict[str, torch.Tensor]:
     """H0-mini's architecture and key names (timm ViT/14, 4 registers, packed SwiGLU) at width
     32 and depth 2; the hub config.json (H0_CONFIG) describes that size, as the real one does."""
-    from pathrobust.encoders.base import create_backbone
-    from pathrobust.weights import architecture_from_config
+    from pathrobust.encoders.backbone import architecture_from_config, create_backbone
 
     spec = get_spec("h0-mini")
     arch, kwargs = architecture_from_config(spec, H0_CONFIG)
