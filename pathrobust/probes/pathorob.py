@@ -38,7 +38,7 @@ class ClusteringParams:
 
 @dataclass(frozen=True)
 class PathorobParams:
-    """One dataset's protocol (see the proposed ``suites/pathorob.toml``).
+    """One dataset's protocol (its ``[datasets.<name>]`` table of ``suites/pathorob.toml``).
 
     ``k``: headline k; ``design``: ``plain``/``paired``; ``curve_k_max``: RI(k) for k up to
     this; ``select_k``: choose k by k-NN balanced accuracy over PathoROB's grid below
