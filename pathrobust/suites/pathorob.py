@@ -442,7 +442,10 @@ class PathorobSuite(Suite):
         return DatasetRun(name, key, data, params, files, folder)
 
     def data_fingerprint(self, path: Path, data: PathorobRunData, options: PathorobOptions) -> str:
-        return ",".join(f"{run.name}={self._dataset_fingerprint(run)}" for run in data.datasets)
+        import hashlib
+
+        parts = ",".join(f"{run.name}={self._dataset_fingerprint(run)}" for run in data.datasets)
+        return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
     @staticmethod
     def _dataset_fingerprint(run: DatasetRun) -> str:
