@@ -210,7 +210,8 @@ def dataset_params(protocol: DatasetProtocol, options: PathorobOptions, data: D.
 
 
 def _search_dirs(folder: Path, metadata: Path | None) -> list[Path]:
-    dirs = [metadata] if metadata else []
+    """Where metadata files and PathoROB's tolkach_splits.json are looked up."""
+    dirs = [Path(metadata)] if metadata else []
     return dirs + [p for p in (folder / "metadata", folder.parent / "metadata", folder) if p.is_dir()]
 
 
@@ -434,11 +435,9 @@ class PathorobSuite(Suite):
         params = dataset_params(self.protocol.datasets[key], options, data, f"{self.source.name} [datasets.{key}]",
                                 search)
         validate(data.views, params, name)  # bad metadata fails here, before anything is embedded or written
-        if params.apd is not None and self.protocol.datasets[key].apd.case_splits:
-            found = next((d / self.protocol.datasets[key].apd.case_splits for d in search
-                          if (d / self.protocol.datasets[key].apd.case_splits).is_file()), None)
-            if found is not None:
-                files.append(found)
+        splits = self.protocol.datasets[key].apd.case_splits if params.apd is not None else None
+        if splits:  # its numbers depend on the case splits too
+            files += [d / splits for d in search if (d / splits).is_file()][:1]
         return DatasetRun(name, key, data, params, files, folder)
 
     def data_fingerprint(self, path: Path, data: PathorobRunData, options: PathorobOptions) -> str:
