@@ -201,3 +201,4 @@ def test_manifest_run(tmp_path):
     s = summary["datasets"]["tiles"]
     assert s["design"] == "plain" and s["k"] == 11 and s["queries"] == 32 and 0 <= s["robustness_index"] <= 1
     assert "apd_id" not in s and summary["synthetic"] is False
+    assert summary["notes"] == ["clustering skipped (--no-clustering)", "tiles: no APD (its protocol has no split schedule)"]

@@ -509,6 +509,11 @@ class PathorobSuite(Suite):
             "data": {run.name: {"root": str(run.root), "views": run.data.sources, "tiles": len(run.data.tiles)}
                      for run in runs},
         }
+        notes = [f"{m} skipped (--no-{m})" for m in skipped]
+        notes += [f"{run.name}: no APD (its protocol has no split schedule)" for run in runs
+                  if ctx.options.apd and run.params.apd is None]
+        if notes:
+            summary["notes"] = notes
         ci = (average.get("ri_ci_low"), average.get("ri_ci_high")) if "ri_ci_low" in average else None
         return SuiteResult(headline=average["ri"], rows=rows, summary=summary, ci=ci,
                            tables=write_tables(runs, results), artefacts={"ri_curve": CURVE_PNG})
