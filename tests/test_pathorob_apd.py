@@ -188,32 +188,35 @@ def test_apd_bad_input_is_one_line_user_error():
                                 "patches_per_slide": 2, "train_slides": [[[1, 1], [1, 1]]]})
 
 
-def test_proposed_suite_toml_parses_and_matches_pathorob(tmp_path):
-    """The proposed suites/pathorob.toml: every dataset table builds PathorobParams, and its
+def test_suite_toml_matches_pathorob(tmp_path):
+    """suites/pathorob.toml: every dataset table builds PathorobParams through the suite, and its
     APD schedules are PathoROB's get_patches_map_to_split."""
     import json
-    import tomllib
-    from pathlib import Path
 
-    from pathrobust.data.synth_pathorob import SynthPathorobConfig
+    from pathrobust.data.pathorob import PathorobData
+    from pathrobust.suites.base import load_suite
     from pathrobust.probes.pathorob import PathorobParams
+    from pathrobust.suites.pathorob import PathorobOptions, dataset_params
 
-    toml = tomllib.loads((Path(__file__).parent / "data" / "pathorob_suite_proposal.toml").read_text())
+    suite = load_suite("pathorob")
     splits = {p: {c: [["case_1"]] for c in ("VALSET2_WNS", "VALSET4_CHA_FULL")} for p in ("train", "test")}
     (tmp_path / "tolkach_splits.json").write_text(json.dumps(splits))
+    no_data = PathorobData("x", None, pd.DataFrame(), pd.DataFrame({"view": [], "subset": []}))
     expected = {"tcga": ("tcga", 7, 4, 4, 61, "paired"), "camelyon": ("camelyon", 8, 2, 2, 11, "plain"),
                 "tolkach_esca": ("tolkach_esca", 4, 2, 6, 46, "plain")}
+    assert suite.protocol.protocol.datasets == list(expected)
     for name, (ref, n_splits, centres, classes, k, design) in expected.items():
-        params = PathorobParams.from_mapping(toml["datasets"][name], name, search=[tmp_path])
-        assert params.k == k and params.design == design
+        params = dataset_params(suite.protocol.datasets[name], PathorobOptions(), no_data, name, search=[tmp_path])
+        assert params.k == k and params.design == design and params.variants == () and not params.select_k
         assert [list(map(list, s)) for s in params.apd.train_slides] == schedule(ref, n_splits, centres, classes)
         assert params.apd.iterations == 20 and params.apd.seed == 1000 and params.clustering.trials == 50
-    assert PathorobParams.from_mapping(toml["datasets"]["tolkach_esca"], search=[tmp_path]).apd.case_splits == splits
+        assert params.clustering.k_max == 30 and list(params.apd.c_grid()) == list(10 ** np.linspace(-8, 4, 15))
+    esca = suite.protocol.datasets["tolkach_esca"]
+    assert dataset_params(esca, PathorobOptions(), no_data, "esca", search=[tmp_path]).apd.case_splits == splits
     with pytest.raises(UserError, match="case_splits file tolkach_splits.json not found"):
-        PathorobParams.from_mapping(toml["datasets"]["tolkach_esca"], search=[tmp_path / "nowhere"])
-    synth = PathorobParams.from_mapping(toml["datasets"]["synthetic"])
-    assert synth.variants == ("mari", "croma")
-    SynthPathorobConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in toml["synthetic"].items()}).check()
-    assert len(toml["leaderboard"]["published"]["H0-mini"]) == 4
+        dataset_params(esca, PathorobOptions(), no_data, "esca", search=[tmp_path / "nowhere"])
+    variant = dataset_params(suite.protocol.datasets["camelyon"], PathorobOptions(mari=True, croma=True, select_k=True,
+                                                                                  apd=False), no_data, "c")
+    assert variant.variants == ("mari", "croma") and variant.select_k and variant.apd is None
     with pytest.raises(UserError, match=r"\[clustering\] has unknown key\(s\) trails"):
         PathorobParams.from_mapping({"ri": {"k": 3}, "clustering": {"trails": 5}})

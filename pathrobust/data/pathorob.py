@@ -79,6 +79,14 @@ class PathorobTiles(TileSource):
     def __len__(self) -> int:
         return len(self.tile_ids)
 
+    def fingerprint(self) -> str:
+        """Ids and the shards' content (names, sizes, first MiB): a rebuilt dataset with the same
+        tile ids (e.g. synthetic tiles under other stainings) is not mistaken for this one."""
+        from pathrobust.data.identity import fingerprint_files
+
+        root = self.shards[0].parent if self.shards else Path(".")
+        return f"{super().fingerprint()}:{fingerprint_files(root, self.shards)}"
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_cache"] = None
@@ -121,6 +129,12 @@ class ManifestTiles(TileSource):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def fingerprint(self) -> str:
+        from pathrobust.data.identity import fingerprint_files
+
+        root = Path(os.path.commonpath([str(p.parent) for p in self.paths])) if self.paths else Path(".")
+        return f"{super().fingerprint()}:{fingerprint_files(root, self.paths)}"
+
     def read(self, index: int) -> np.ndarray:
         return read_image(self.paths[index])
 
@@ -136,6 +150,7 @@ class PathorobData:
     table: pd.DataFrame
     views: pd.DataFrame
     sources: dict[str, str] = field(default_factory=dict)  # view -> where its rows came from
+    info: dict = field(default_factory=dict)  # its pathorob.json marker (synthetic data: how it was built)
 
     def view(self, name: str) -> pd.DataFrame:
         return self.views[self.views["view"] == name].reset_index(drop=True)
@@ -201,9 +216,9 @@ def _name_of(folder: Path, wanted: Sequence[str] | None, strict: bool = True) ->
     if marker:
         return str(marker["dataset"])
     for part in (folder.name, folder.parent.parent.name if folder.parent.name == "snapshots" else ""):
-        low = part.lower()
+        low = part.lower().replace("-", "_")  # `pathrobust data fetch pathorob-tolkach-esca` folders
         for name in DATASETS:
-            if low in (name, f"pathorob-{name}", f"datasets--bifold-pathomics--pathorob-{name}"):
+            if low in (name, f"pathorob_{name}", f"datasets__bifold_pathomics__pathorob_{name}"):
                 return name
     if wanted and len(wanted) == 1:
         return wanted[0]
@@ -304,7 +319,7 @@ def load_dataset(name: str, folder: Path, *, views: Mapping[str, str] | None = N
     table, locs = read_hub_table(name, shards)
     dirs = [Path(metadata_dir)] if metadata_dir else []
     if metadata_dir and not Path(metadata_dir).is_dir():
-        raise UserError(f"--pathorob-metadata {metadata_dir}: not a directory")
+        raise UserError(f"--metadata {metadata_dir}: not a directory")
     dirs += [p for p in (folder / "metadata", folder.parent / "metadata") if p.is_dir()]
     parts, sources = [], {}
     for view, file in views.items():
@@ -314,7 +329,7 @@ def load_dataset(name: str, folder: Path, *, views: Mapping[str, str] | None = N
         rows.insert(0, "view", view)
         parts.append(rows)
     tiles = PathorobTiles(name, shards, (table["slide_id"] + "-" + table["patch_id"]).tolist(), locs)
-    return PathorobData(name, tiles, table, pd.concat(parts, ignore_index=True)[list(VIEW_COLUMNS)], sources)
+    return PathorobData(name, tiles, table, pd.concat(parts, ignore_index=True)[list(VIEW_COLUMNS)], sources, marker)
 
 
 def read_pathorob(root: str | os.PathLike, datasets: Sequence[str] | None = None, *,

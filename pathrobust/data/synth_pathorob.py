@@ -28,9 +28,11 @@ slide chunks are slides here too.
 
 Output: the hub layout of the PathoROB datasets, so the real reader reads it —
 ``<out>/data/train-00000-of-00001.parquet`` with ``image`` (Image struct ``{bytes, path}``),
-``subset``, ``slide_id``, ``patch_id``, ``biological_class``, ``medical_center`` — and a
+``subset``, ``slide_id``, ``patch_id``, ``biological_class``, ``medical_center`` — a
 ``pathorob.json`` marker naming the dataset (``synthetic``), its views (all from the parquet)
-and the configuration.
+and the configuration, and the synthetic-data mark (:mod:`pathrobust.data.synthetic`), so
+runs on it are labelled synthetic everywhere. A folder already holding the dataset of the
+same configuration is reused.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from pathrobust.cache import cache_dir
 from pathrobust.data.pathorob import INFO_FILE
 from pathrobust.data.plism import SCANNERS, STAININGS
+from pathrobust.data.synthetic import mark_synthetic
 from pathrobust.errors import UserError
 
 FORMAT_VERSION = 1
@@ -167,8 +170,10 @@ def synth_pathorob(out: str | os.PathLike, config: SynthPathorobConfig = SynthPa
     config.check()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
+        if not overwrite and built_with(out) == _stamp(config):
+            return out  # this very dataset: reuse it
         if not overwrite:
-            raise UserError(f"--out {out}: exists and is not empty; pass --overwrite or another --out")
+            raise UserError(f"--out {out}: exists and is not this synthetic dataset; pass --overwrite or another --out")
         shutil.rmtree(out)
     cells = cell_slides(config)
     p = config.patches_per_slide
@@ -207,9 +212,15 @@ def synth_pathorob(out: str | os.PathLike, config: SynthPathorobConfig = SynthPa
         info = {"dataset": DATASET, "hub_table": f"{DATASET}.csv",
                 "views": {"ri": f"{DATASET}.csv", "apd": f"{DATASET}.csv", "clustering": f"{DATASET}.csv"},
                 "classes": list(CLASSES), "config": asdict(config), "version": FORMAT_VERSION, "rows": len(rows),
+                # the APD design this data fixes (its centres, classes and slide size)
+                "apd": {"id_centres": list(config.id_centres), "ood_centres": list(config.ood_centres),
+                        "classes": list(CLASSES), "patches_per_slide": config.patches_per_slide},
                 "source": "pathrobust data synth-pathorob (simulated stainings and scanners on real CC0 H&E tiles of "
                           "OpenSlide CMU-1; see pathrobust/data/assets/ATTRIBUTION.md)"}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        mark_synthetic(tmp, "synth-pathorob", asdict(config),
+                       note="tissue classes by measured anisotropy of real CC0 H&E tiles; centres by simulated "
+                            "PLISM stainings and scanners")
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -217,6 +228,20 @@ def synth_pathorob(out: str | os.PathLike, config: SynthPathorobConfig = SynthPa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _stamp(config: SynthPathorobConfig) -> dict:
+    return json.loads(json.dumps({"config": asdict(config), "version": FORMAT_VERSION}))
+
+
+def built_with(folder: str | os.PathLike) -> dict | None:
+    """The configuration and format version a synthetic dataset at ``folder`` was built with."""
+    path = Path(folder) / INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+        return {"config": info["config"], "version": info["version"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def default_pathorob_data(config: SynthPathorobConfig = SynthPathorobConfig()) -> Path:

@@ -142,14 +142,41 @@ def ri_curve(hoods: Sequence[Neighbourhood], k_max: int) -> pd.DataFrame:
 
 
 def per_query_counts(hoods: Sequence[Neighbourhood], k: int) -> pd.DataFrame:
-    """One row per query (occurrence): ``subset, row, SS, SO, OS, OO, RI`` at ``k``."""
+    """One row per query (occurrence): ``subset, row, slide_id, SS, SO, OS, OO, RI`` at ``k``."""
     parts = []
     for h in hoods:
         counts = {t: m.sum(axis=1) for t, m in h.types(k).items()}
-        parts.append(pd.DataFrame({"subset": h.subset, "row": h.rows, **counts}))
+        parts.append(pd.DataFrame({"subset": h.subset, "row": h.rows, "slide_id": h.slides, **counts}))
     df = pd.concat(parts, ignore_index=True)
     df["RI"] = ri_from_counts(df["SO"].to_numpy(), df["OS"].to_numpy())
     return df
+
+
+def ri_slide_bootstrap(so: np.ndarray, os_: np.ndarray, slides: Sequence, replicates: int,
+                       seed: int = 0) -> np.ndarray:
+    """Pooled RI of ``replicates`` resamples of the query slides with replacement (pathrobust's
+    own uncertainty, not PathoROB's): each resample keeps every query of a drawn slide as
+    often as the slide is drawn. ``so``/``os_`` ``(q,)`` SO and OS counts of each query,
+    ``slides`` ``(q,)`` its slide. Returns ``(replicates,)`` RIs (NaN: no SO or OS drawn)."""
+    inverse = np.unique(np.asarray(slides).astype(str), return_inverse=True)[1]
+    n = int(inverse.max()) + 1 if len(inverse) else 0
+    if n == 0 or replicates <= 0:
+        return np.empty(0)
+    so_s = np.bincount(inverse, weights=np.asarray(so, np.float64), minlength=n)
+    os_s = np.bincount(inverse, weights=np.asarray(os_, np.float64), minlength=n)
+    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+    return np.atleast_1d(ri_from_counts(draws @ so_s, draws @ os_s))
+
+
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Central ``level`` percentile interval of the finite ``values`` (NaN, NaN if none)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(v, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def robustness_index(hoods: Sequence[Neighbourhood], k: int) -> float:
@@ -389,12 +416,36 @@ class RobustnessResult:
     per_subset: pd.DataFrame
     k_selection: pd.DataFrame | None = None
     variants: dict[str, dict] = field(default_factory=dict)
+    bootstrap: np.ndarray | None = None  # RI of slide resamples (ri_slide_bootstrap), when asked
 
 
 def min_eligible(table: pd.DataFrame, design: str) -> int:
     """Fewest other-slide rows any query has (per subset in the paired design)."""
     parts = [table] if design == "plain" else [p for _, p in table.groupby("subset")]
     return int(min(len(p) - p["slide_id"].astype(str).value_counts().max() for p in parts))
+
+
+def check_neighbours(table: pd.DataFrame, design: str, k: int, source: str = "RI rows") -> int:
+    """UserError unless every query has at least ``k`` rows on other slides (the k-NN takes the
+    query's own slide out: k + 1 rows besides the rest of that slide); returns the fewest."""
+    available = min_eligible(table, design)
+    if available < k:
+        raise UserError(f"{source}: a query has only {available} neighbours on other slides, fewer than k = {k}; "
+                        f"RI needs at least k rows outside each query's slide")
+    return available
+
+
+def check_typed_neighbours(table: pd.DataFrame, design: str, m: int, source: str = "RI rows") -> None:
+    """UserError unless every query has ``m`` SO and ``m`` OS neighbours on other slides (CRoMa)."""
+    groups = [("all", table)] if design == "plain" else list(table.groupby("subset", sort=True))
+    for subset, part in groups:
+        lab, cen, sl = (part[c].astype(str).to_numpy() for c in ("biological_class", "medical_center", "slide_id"))
+        for kind in ("SO", "OS"):
+            have = TypedNeighbours(lab, cen, sl, kind).eligible_counts(np.arange(len(part)))
+            if len(have) and have.min() < m:
+                where = source if design == "plain" else f"{source}, subset {subset!r}"
+                raise UserError(f"{where}: a query has only {int(have.min())} {kind} neighbours on other slides, "
+                                f"fewer than CRoMa's m = {m}")
 
 
 def robustness(embeddings: np.ndarray, table: pd.DataFrame, design: str, k: int, *, curve_k_max: int = 0,
@@ -420,9 +471,7 @@ def robustness(embeddings: np.ndarray, table: pd.DataFrame, design: str, k: int,
     if unknown:
         raise UserError(f"variants: unknown {', '.join(sorted(unknown))} (choose from mari, croma)")
     check_design(table, design, source)
-    available = min_eligible(table, design)
-    if available < k:
-        raise UserError(f"{source}: a query has only {available} neighbours on other slides, fewer than k = {k}")
+    available = check_neighbours(table, design, k, source)
     grid = [g for g in k_grid(select_k_max) if g <= available] if select_k_max else []
     fetch = max(k, min(max([curve_k_max, *grid]), available))
     hoods = build_neighbourhoods(embeddings, table, design, fetch, device=device, chunk=chunk,

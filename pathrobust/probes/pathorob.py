@@ -19,7 +19,7 @@ import pandas as pd
 from pathrobust.data.pathorob import VIEW_COLUMNS
 from pathrobust.errors import UserError
 from pathrobust.metrics import pathorob as M
-from pathrobust.probes.pathorob_apd import ApdDesign, ApdResult, run_apd
+from pathrobust.probes.pathorob_apd import ApdDesign, ApdResult, check_apd_rows, run_apd
 
 REFERENCE = "bifold-pathomics/PathoROB@46594e9"
 
@@ -38,7 +38,7 @@ class ClusteringParams:
 
 @dataclass(frozen=True)
 class PathorobParams:
-    """One dataset's protocol (see the proposed ``suites/pathorob.toml``).
+    """One dataset's protocol (its ``[datasets.<name>]`` table of ``suites/pathorob.toml``).
 
     ``k``: headline k; ``design``: ``plain``/``paired``; ``curve_k_max``: RI(k) for k up to
     this; ``select_k``: choose k by k-NN balanced accuracy over PathoROB's grid below
@@ -59,6 +59,9 @@ class PathorobParams:
     apd: ApdDesign | None = None
     device: str = "cpu"
     chunk: int | None = None
+    bootstrap_replicates: int = 0  # slide bootstrap of RI (pathrobust's own; 0 = none)
+    bootstrap_level: float = 0.95
+    bootstrap_seed: int = 0
 
     @classmethod
     def from_mapping(cls, d: Mapping, source: str = "pathorob", search: Sequence = ()) -> "PathorobParams":
@@ -105,6 +108,12 @@ class PathorobResult:
         out = {"dataset": self.dataset, "design": self.params.design, "k": r.k, "k_source": r.k_source,
                "robustness_index": r.ri, **{f"count_{t}": v for t, v in r.counts.items()},
                "queries": int(len(r.per_query))}
+        if r.bootstrap is not None and r.bootstrap.size:
+            low, high = M.percentile_interval(r.bootstrap, self.params.bootstrap_level)
+            finite = r.bootstrap[np.isfinite(r.bootstrap)]
+            out.update(ri_ci_low=low, ri_ci_high=high, ri_boot_std=float(finite.std(ddof=1)) if finite.size > 1
+                       else float("nan"), ri_bootstrap_replicates=int(r.bootstrap.size),
+                       ri_bootstrap_level=self.params.bootstrap_level)
         for name, v in r.variants.items():
             out[name] = v["value"]
             out[f"{name}_definition"] = v["definition"]
@@ -148,6 +157,9 @@ class PathorobResult:
             p["apd"]["case_splits"] = "given"
         labels = {"robustness_index": f"{REFERENCE} (robustness_index)",
                   "clustering_score": f"{REFERENCE} (clustering_score)", "apd": f"{REFERENCE} (apd)"}
+        if self.robustness.bootstrap is not None:
+            labels["ri_ci"] = ("pathrobust: percentile interval over resamples of the query slides (with "
+                               "replacement); not part of PathoROB")
         if self.robustness.k_source == "selected":
             labels["k"] = "selected by k-NN balanced accuracy over PathoROB's grid (variant; reference: default k)"
         for name in self.robustness.variants:
@@ -178,6 +190,34 @@ def check_rows(embeddings: np.ndarray, rows: np.ndarray, source: str) -> None:
         raise UserError(f"{source}: the embedding of row {int(rows[np.argmax(zero)])} is all zeros (no direction)")
 
 
+def validate(meta: pd.DataFrame, params: PathorobParams, dataset: str) -> None:
+    """Every check that needs only the metadata, so bad input fails before anything is
+    embedded or written: the view table's columns; RI rows present, RI defined for the design
+    (every class in two centres or more; complete 2 x 2 subsets), at least k rows outside each
+    query's slide, and CRoMa's m neighbours of each type; the clustering and APD rows."""
+    check_view_table(meta, dataset)
+    ri_rows = meta[meta["view"] == "ri"].reset_index(drop=True)
+    if ri_rows.empty:
+        raise UserError(f"{dataset}: no RI rows (view 'ri')")
+    source = f"{dataset} RI rows"
+    M.check_design(ri_rows, params.design, source)
+    M.check_neighbours(ri_rows, params.design, params.k, source)
+    if "croma" in params.variants:
+        M.check_typed_neighbours(ri_rows, params.design, params.croma_m, source)
+    if params.clustering is not None:
+        rows = meta[meta["view"] == "clustering"].reset_index(drop=True)
+        if rows.empty:
+            raise UserError(f"{dataset}: no clustering rows (view 'clustering'); disable clustering or add them")
+        if not M.clustering_combinations(rows):
+            raise UserError(f"{dataset} clustering rows: no 2 classes x 2 centres combination with all four cells "
+                            f"filled: the clustering score is undefined")
+    if params.apd is not None:
+        rows = meta[meta["view"] == "apd"].reset_index(drop=True)
+        if rows.empty:
+            raise UserError(f"{dataset}: no APD rows (view 'apd'); disable APD or add them")
+        check_apd_rows(rows, params.apd, f"{dataset} APD rows")
+
+
 def evaluate_pathorob(embeddings: np.ndarray, meta: pd.DataFrame, dataset: str, params: PathorobParams,
                       progress: Callable[[str], None] | None = None) -> PathorobResult:
     """Every PathoROB metric of one dataset.
@@ -192,23 +232,23 @@ def evaluate_pathorob(embeddings: np.ndarray, meta: pd.DataFrame, dataset: str, 
         progress: optional callable receiving a short stage name.
     """
     embeddings = np.asarray(embeddings)
-    check_view_table(meta, dataset)
+    validate(meta, params, dataset)
     check_rows(embeddings, np.unique(meta["row"].to_numpy(np.int64)), f"{dataset} embeddings")
     say = progress or (lambda stage: None)
     ri_rows = meta[meta["view"] == "ri"].reset_index(drop=True)
-    if ri_rows.empty:
-        raise UserError(f"{dataset}: no RI rows (view 'ri')")
     say("robustness index")
     rob = M.robustness(embeddings, ri_rows, params.design, params.k, curve_k_max=params.curve_k_max,
                        select_k_max=params.k_grid_max if params.select_k else None, exact_curve=params.exact_curve,
                        variants=params.variants, mari_tau=params.mari_tau, croma_m=params.croma_m,
                        croma_alpha=params.croma_alpha, device=params.device, chunk=params.chunk,
                        source=f"{dataset} RI rows")
+    if params.bootstrap_replicates:
+        q = rob.per_query
+        rob.bootstrap = M.ri_slide_bootstrap(q["SO"].to_numpy(), q["OS"].to_numpy(), q["slide_id"].to_numpy(),
+                                             params.bootstrap_replicates, params.bootstrap_seed)
     result = PathorobResult(dataset, params, rob)
     if params.clustering is not None:
         rows = meta[meta["view"] == "clustering"].reset_index(drop=True)
-        if rows.empty:
-            raise UserError(f"{dataset}: no clustering rows (view 'clustering'); disable clustering or add them")
         say("clustering score")
         c = params.clustering
         result.clustering = M.clustering_score(embeddings, rows, k_min=c.k_min, k_max=c.k_max, fixed_k=c.fixed_k,
@@ -217,17 +257,28 @@ def evaluate_pathorob(embeddings: np.ndarray, meta: pd.DataFrame, dataset: str, 
                                                source=f"{dataset} clustering rows")
     if params.apd is not None:
         rows = meta[meta["view"] == "apd"].reset_index(drop=True)
-        if rows.empty:
-            raise UserError(f"{dataset}: no APD rows (view 'apd'); disable APD or add them")
         say("average performance drop")
         result.apd = run_apd(embeddings, rows, params.apd, source=f"{dataset} APD rows")
     return result
 
 
 def aggregate(results: Mapping[str, PathorobResult], quantile: float = 0.975) -> dict:
-    """Across datasets: mean RI (PathoROB's leaderboard average), mean clustering score, and
-    APD as PathoROB's corrected mean ± t·sem over all per-iteration scores (ID and OOD)."""
+    """Across datasets: mean RI (PathoROB's leaderboard average) with the percentile interval
+    of the mean of the datasets' slide bootstraps (when every dataset has one, of one size),
+    mean clustering score, means of croma's variants, and APD as PathoROB's corrected mean ±
+    t·sem over all per-iteration scores (ID and OOD)."""
     out: dict = {"datasets": list(results), "robustness_index": float(np.mean([r.robustness.ri for r in results.values()]))}
+    boots = [r.robustness.bootstrap for r in results.values()]
+    if all(b is not None and b.size for b in boots) and len({b.size for b in boots}) == 1:
+        mean_boot = np.mean(boots, axis=0)
+        level = next(iter(results.values())).params.bootstrap_level
+        out["ri_ci_low"], out["ri_ci_high"] = M.percentile_interval(mean_boot, level)
+        finite = mean_boot[np.isfinite(mean_boot)]
+        out["ri_boot_std"] = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
+    for name in ("MaRI", "CRoMa"):
+        values = [r.robustness.variants[name]["value"] for r in results.values() if name in r.robustness.variants]
+        if values and len(values) == len(results):
+            out[name] = float(np.mean(values))
     clus = [r.clustering.score for r in results.values() if r.clustering is not None]
     if clus:
         out["clustering_score"] = float(np.mean(clus))

@@ -183,6 +183,11 @@ def _cells(table: pd.DataFrame, design: ApdDesign, source: str) -> tuple[list[li
     return cells, ood, np.array([design.classes.index(b) for b in cls[ood]])
 
 
+def check_apd_rows(table: pd.DataFrame, design: ApdDesign, source: str = "APD rows") -> None:
+    """The metadata checks of :func:`run_apd` alone (UserError), before any embedding."""
+    _cells(table.reset_index(drop=True), design, source)
+
+
 def _shuffle_cells(cells: list[list[list[int]]], slides: np.ndarray, design: ApdDesign, rng: random.Random) -> None:
     """One iteration's in-place reshuffle of every cell's slide chunks (module doc)."""
     p = design.patches_per_slide
