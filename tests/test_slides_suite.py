@@ -145,6 +145,25 @@ def test_precomputed_bags_give_the_same_numbers(finished, slides, tmp_path):
     assert again["model"] == "synth_atypia"
 
 
+def test_cohort_manifest_with_bags_needs_no_slide_files(finished, slides, tmp_path):
+    """A user's manifest (named task, --classes) whose slides are not on this machine: the bags
+    are enough. Same bags, same heads: the numbers of the synthetic run (padding 4, not 12,
+    changes only float rounding, which the CCC of these nearly flat heads magnifies a little)."""
+    from pathrobust.suites.base import run_suite
+
+    out, summary, protocol = finished
+    bag_dir = next((out / "slides" / "rgb-histogram" / "embeddings").rglob("synth_atypia"))
+    rows = _rows(slides / "manifest.csv")
+    for row in rows:
+        row["path"] = f"elsewhere/{row['slide_id']}.svs"
+    cohort = _write_manifest(tmp_path / "cohort.csv", rows)
+    again = run_suite("slides", None, cohort, tmp_path / "runs", features=bag_dir, progress=False, protocol=protocol,
+                      classes=("normal", "atypia"), max_tiles=4, **RUNS)
+    assert [r["task"] for r in again["rows"]] == ["cohort", "average"]
+    for key, value in summary["rows"][0]["metrics"].items():
+        assert again["rows"][0]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
+
+
 def test_flat_heads_leave_the_ccc(finished, slides):
     """The shipped protocol (min_score_sd 0.02) on the same bags: rgb-histogram heads barely
     move off the prior in 12 epochs, so the CCC is either computed on the runs that vary or

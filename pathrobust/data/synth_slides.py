@@ -32,6 +32,8 @@ Output (written under a temporary name, then renamed)::
     <out>/manifest.csv     slide_id, path, label, split, fold, patient_id, specimen_id,
                            acquisition, scanner, staining (pathrobust.data.slide_manifest)
     <out>/synth_slides.json   the config, the reference acquisition, provenance
+    <out>/pathrobust-synthetic.json   the synthetic-data mark (pathrobust.data.synthetic): runs
+                                      on it are labelled synthetic everywhere
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ def pad_size(task: TaskProtocol, options: SlidesOptions) -> int:
     return options.max_tiles or task.pad_size
 
 
-def _manifest_task(protocol: SlidesProtocol, csv: Path, options: SlidesOptions) -> SlideTask:
+def _manifest_task(protocol: SlidesProtocol, csv: Path, options: SlidesOptions, embed: bool) -> SlideTask:
     from pathrobust.data.slide_manifest import check_robustness, read_slide_manifest
     from pathrobust.data.synth_slides import DONE_MARKER
 
@@ -299,7 +299,8 @@ def _manifest_task(protocol: SlidesProtocol, csv: Path, options: SlidesOptions) 
     classes = options.classes or (tuple(task.classes) if task.classes else None)
     if classes is not None and (len(set(classes)) != len(classes) or len(classes) < 2):
         raise UserError(f"--classes {','.join(classes)}: need >= 2 distinct classes")
-    manifest = read_slide_manifest(csv, classes)
+    # precomputed bags need no slide file (the slides may live where the bags were made)
+    manifest = read_slide_manifest(csv, classes, check_files=embed)
     if manifest.num_classes < 2:
         raise UserError(f"{csv}: column 'label': one class ({manifest.classes[0]}); a slide task needs >= 2")
     reference = None
@@ -315,7 +316,7 @@ def _manifest_task(protocol: SlidesProtocol, csv: Path, options: SlidesOptions) 
     elif options.reference is not None:
         raise UserError(f"--reference {options.reference}: {csv} has no 'specimen_id'/'acquisition' columns")
     name = key if synthetic else csv.stem
-    files = [csv] + [r.path for r in manifest.records if r.path is not None]
+    files = [csv] + [r.path for r in manifest.records if r.path is not None and (embed or r.path.is_file())]
     return SlideTask(name, task, manifest, csv.parent, files, reference)
 
 
@@ -335,18 +336,19 @@ def _layout_task(protocol: SlidesProtocol, name: str, root: Path) -> SlideTask:
     return SlideTask(name, task, manifest, root, extra + [r.path for r in manifest.records])
 
 
-def open_slides_data(protocol: SlidesProtocol, path: Path, options: SlidesOptions) -> SlidesData:
-    """The tasks at ``path`` (see the module doc), validated; no slide is opened yet."""
+def open_slides_data(protocol: SlidesProtocol, path: Path, options: SlidesOptions, embed: bool = True) -> SlidesData:
+    """The tasks at ``path`` (see the module doc), validated; no slide is opened yet.
+    ``embed``: slide files must exist (False: precomputed bags are read instead)."""
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise UserError(f"--data {path}: expected a slide manifest (.csv) or a folder")
         if options.tasks:
             raise UserError("--tasks: only with an eva data root (a manifest is one task)")
-        return SlidesData(path, [_manifest_task(protocol, path, options)])
+        return SlidesData(path, [_manifest_task(protocol, path, options, embed)])
     if (path / MANIFEST_NAME).is_file():
         if options.tasks:
             raise UserError("--tasks: only with an eva data root (a manifest is one task)")
-        return SlidesData(path, [_manifest_task(protocol, path / MANIFEST_NAME, options)])
+        return SlidesData(path, [_manifest_task(protocol, path / MANIFEST_NAME, options, embed)])
     layouts = find_layouts(path)
     if not layouts:
         raise UserError(f"--data {path}: no slide manifest ({MANIFEST_NAME} or a .csv) and no eva slide dataset "
@@ -760,7 +762,7 @@ class SlidesSuite(Suite):
         return synth_slides(root, config, overwrite=marker.is_file(), progress=progress)
 
     def open_data(self, path: Path, options: SlidesOptions, embed: bool) -> SlidesData:
-        data = open_slides_data(self.protocol, path, options)
+        data = open_slides_data(self.protocol, path, options, embed)
         for task in data.tasks:
             split_plans(task)  # split errors now, before any extraction
         if embed:
