@@ -208,10 +208,13 @@ def test_robustness_rule_on_hand_made_scores(suite):
     assert rob["ccc_runs"] == 1 and rob["ccc_runs_excluded"] == 2
     assert rob["mean_ccc"] == pytest.approx(lins_ccc(varied, shifted))
     assert rob["auc"]["A"] == pytest.approx(1.0)  # AUROC counts every run: the flat ones still rank positives first
+    grid = {r["acquisition"]: r["ccc_reference"] for r in outcome.acquisitions}
+    assert grid == {"A": 1.0, "B": pytest.approx(lins_ccc(varied, shifted))}
     probs[0] = probs[1]
     flat = TaskOutcome(task, recs, probs, [{}] * 3, {}, 6, [])
     with pytest.warns(UserWarning, match="not informative"):
         robustness_of(flat, suite.protocol.robustness)
+    assert [r["ccc_reference"] for r in flat.acquisitions] == [None, None]  # no heatmap cell, not even the reference
     summary = {f"{m}_{s}": 0.5 for m in ("balanced_accuracy", "auroc", "f1", "accuracy", "precision", "recall")
                for s in ("mean", "std")}
     flat.summary = summary

@@ -563,8 +563,9 @@ def robustness_of(outcome: TaskOutcome, params: RobustnessProtocol, log=None) ->
         row = {"task": task.name, "acquisition": acq, "reference": acq == ref,
                "n_specimens": int(np.isfinite(table[acq][0]).sum()), "auc_mean": aucs.auc[acq],
                "auc_sd": aucs.auc_sd[acq], "auc_drop": aucs.auc_drop[acq],
-               "ccc_reference": 1.0 if acq == ref else result.get("ccc_reference", {}).get(acq),
-               "ccc_reference_sd": 0.0 if acq == ref else result.get("ccc_reference_sd", {}).get(acq)}
+               # the reference with itself: 1 (when the CCC is informative at all)
+               "ccc_reference": (1.0 if acq == ref else result["ccc_reference"].get(acq)) if kept.any() else None,
+               "ccc_reference_sd": (0.0 if acq == ref else result["ccc_reference_sd"].get(acq)) if kept.any() else None}
         for axis in ("staining", "scanner"):
             row[axis] = getattr(first[acq], axis)
         outcome.acquisitions.append(row)
