@@ -21,16 +21,17 @@ def test_quick_demo_produces_every_artefact_and_reuses_work(tmp_path, monkeypatc
     # data, student, suites, report
     assert any((out / "data" / "plism").rglob("*.parquet"))
     assert (out / "data" / "hest").is_dir() and (out / "data" / "eva").is_dir()
+    assert any((out / "data" / "slides" / "slides").glob("*.tif"))
     assert any((out / "data" / "pathorob").rglob("*.parquet"))
     student = json.loads((out / "student" / "encoder.json").read_text())
     assert (out / "student" / student["weights_path"]).is_file()
     assert len(result.models) == 5 and student["name"] in result.models
     runs = list(ResultsDB(out / "runs" / "results.sqlite").runs())
-    assert {r.suite for r in runs} == {"plism", "hest", "eva", "pathorob"}
+    assert {r.suite for r in runs} == {"plism", "hest", "eva", "slides", "pathorob"}
     assert {r.model for r in runs} == set(result.models)
     assert all(r.timings["tiles_per_s"] > 0 and r.timings["wall_s"] > 0 for r in runs)
     for name in result.models:
-        for suite in ("plism", "hest", "eva", "pathorob"):
+        for suite in ("plism", "hest", "eva", "slides", "pathorob"):
             score = result.scores[name][suite]
             assert score is not None and -1.0 <= score <= 1.0, (name, suite, score)
     markdown = result.report_md.read_text()

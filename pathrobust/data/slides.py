@@ -53,6 +53,21 @@ def open_slide(path: Path):
         raise UserError(f"{path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})") from None
 
 
+def file_stamp(path: Path, sample: int = 1 << 16) -> str:
+    """Cheap content identity of a (possibly many-GB) slide file: its size and its first and
+    last ``sample`` bytes (header, and the last tiles or directories), 12 hex digits."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(sample))
+        if size > sample:
+            fh.seek(max(sample, size - sample))
+            digest.update(fh.read(sample))
+    return digest.hexdigest()[:12]
+
+
 def slide_mpp(slide, path: Path, default: float | None = None) -> float:
     """µm/px of level 0 (see the module doc); ``default`` when the slide has none."""
     props = slide.properties
@@ -254,6 +269,7 @@ class SlideTiles(TileSource):
         self.saturation_threshold = int(saturation_threshold)
         self.name = name or self.path.stem
         slide = open_slide(self.path)
+        self.file_stamp = file_stamp(self.path)
         try:
             self.mpp = slide_mpp(slide, self.path, slide_mpp_default)
             self.dimensions = tuple(int(v) for v in slide.dimensions)
@@ -318,9 +334,10 @@ class SlideTiles(TileSource):
         }
 
     def fingerprint(self) -> str:
-        """Name, tile count and ends, plus the tiling geometry (another µm/px is other data)."""
+        """Name, tile count and ends, the tiling geometry (another µm/px is other data) and the
+        file's content stamp (:func:`file_stamp`: a slide rewritten under the same name is new data)."""
         return (f"{super().fingerprint()}:{self.tile_size}px@{self.target_mpp:g}um:level{self.level}:"
-                f"read{self.read_size}:fg{self.min_tissue:g}:seed{self.seed}")
+                f"read{self.read_size}:fg{self.min_tissue:g}:seed{self.seed}:file{self.file_stamp}")
 
     def read(self, index: int) -> np.ndarray:
         from PIL import Image

@@ -32,6 +32,8 @@ Output (written under a temporary name, then renamed)::
     <out>/manifest.csv     slide_id, path, label, split, fold, patient_id, specimen_id,
                            acquisition, scanner, staining (pathrobust.data.slide_manifest)
     <out>/synth_slides.json   the config, the reference acquisition, provenance
+    <out>/pathrobust-synthetic.json   the synthetic-data mark (pathrobust.data.synthetic): runs
+                                      on it are labelled synthetic everywhere
 """
 
 from __future__ import annotations
@@ -356,6 +358,7 @@ def synth_slides(out: str | os.PathLike, config: SynthSlidesConfig = SynthSlides
     """Write the synthetic slide dataset (see the module doc) to ``out``; returns ``out``.
     Built under a temporary name and renamed, so ``out`` is complete or absent."""
     from pathrobust.data.slide_manifest import SlideRecord, write_slide_manifest
+    from pathrobust.data.synthetic import mark_synthetic
     from pathrobust.progress import tile_progress
 
     out = Path(out)
@@ -390,6 +393,8 @@ def synth_slides(out: str | os.PathLike, config: SynthSlidesConfig = SynthSlides
                 "source": "pathrobust synth-slides (real CC0 H&E of OpenSlide CMU-1, see "
                           "pathrobust/data/assets/ATTRIBUTION.md, under simulated stainings and scanners)"}
         (tmp / DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        mark_synthetic(tmp, "synth-slides", asdict(config), note="pseudo whole slides of real CC0 H&E under simulated "
+                       "stainings x scanners; the label (enlarged nuclei, colour histograms preserved) is synthetic")
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty (checked above)
