@@ -169,6 +169,12 @@ class Team:
         return self.index == 0
 
     @property
+    def lead(self) -> bool:
+        """This process speaks for itself (messages, progress bars, launch records): any
+        process but a torchrun rank other than 0."""
+        return self.kind != "torchrun" or self.index == 0
+
+    @property
     def ranks(self) -> bool:
         """Ranks of one torchrun launch (collectives available)."""
         return self.kind == "torchrun" and self.size > 1

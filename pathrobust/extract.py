@@ -226,7 +226,7 @@ def _ceil_to(x: int, m: int) -> int:
 
 
 def plan_file(encoder: Encoder, source: TileSource, out_path: str | os.PathLike, *, batch_size: int = 64,
-              precision: str = "fp32", overwrite: bool = False, chunk_tiles: int = DEFAULT_CHUNK_TILES,
+              precision: str = "fp32", overwrite: bool = False, chunk_tiles: int | None = None,
               pieces: int = 1) -> FileJob | None:
     """The job of writing ``out_path`` from ``source``; None when the file is already there
     with the same provenance (another provenance is an error unless ``overwrite``, which
@@ -252,6 +252,7 @@ def plan_file(encoder: Encoder, source: TileSource, out_path: str | os.PathLike,
             f"{out_path}: already exists with different {', '.join(diff)} "
             f"(file: {existing.get(diff[0])!r}, now: {attrs[diff[0]]!r}); pass --overwrite or another --out"
         )
+    chunk_tiles = DEFAULT_CHUNK_TILES if chunk_tiles is None else chunk_tiles
     chunk = max(batch_size, chunk_tiles // batch_size * batch_size)
     if pieces > 1 and len(source) > 0:
         chunk = min(chunk, _ceil_to(-(-len(source) // pieces), batch_size))
@@ -331,6 +332,7 @@ class _Extractor:
     releases each chunk as it completes, assembles files whose chunks are all present."""
 
     POLL_MIN, POLL_MAX = 0.05, 2.0
+    MAX_RUN = 8  # chunks claimed at once: one DataLoader for the run, little held back from others
 
     def __init__(self, encoder: Encoder, *, num_workers: int, precision: str, device: torch.device,
                  label: str = "", log: logging.Logger | None = None, heartbeat=None) -> None:
@@ -352,7 +354,8 @@ class _Extractor:
         while i < len(items):
             job = items[i][0]
             run: list[int] = []
-            while i < len(items) and items[i][0] is job and (not run or items[i][1] == run[-1] + 1):
+            while (i < len(items) and items[i][0] is job and len(run) < self.MAX_RUN
+                   and (not run or items[i][1] == run[-1] + 1)):
                 c = items[i][1]
                 i += 1
                 if job.finished or job.chunk_done(c):
@@ -557,7 +560,7 @@ def extract_many(encoder: Encoder, jobs: list[FileJob | None], *, team=None, who
 
         what = description or (f"{encoder.name} · {jobs[0].source.name}" if len(jobs) == 1
                                else f"{encoder.name} · {len(jobs)} files")
-        with polled_progress(what, total, tiles_done, enabled=progress and team.is_main and bool(jobs),
+        with polled_progress(what, total, tiles_done, enabled=progress and team.lead and bool(jobs),
                              transient=len(jobs) == 1):
             ex.work(mine)
             ex.settle(jobs, items if whole else mine, whole=whole)
@@ -566,7 +569,7 @@ def extract_many(encoder: Encoder, jobs: list[FileJob | None], *, team=None, who
 def extract_features(encoder: Encoder | str, source: TileSource | str | os.PathLike, out_path: str | os.PathLike, *,
                      batch_size: int = 64, num_workers: int = 0, precision: str = "auto",
                      device: str | torch.device | None = None, overwrite: bool = False, progress: bool = True,
-                     chunk_tiles: int = DEFAULT_CHUNK_TILES, log: logging.Logger | None = None) -> Path:
+                     chunk_tiles: int | None = None, log: logging.Logger | None = None) -> Path:
     """Extract pooled features of every tile of ``source`` into ``out_path`` (see module doc).
 
     Args:
@@ -636,7 +639,7 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike, encoder: Encoder, precision: str, device: torch.device, *,
                  batch_size: int = 64, workers: int = 0, progress: bool = True, team=None,
-                 log: logging.Logger | None = None, chunk_tiles: int = DEFAULT_CHUNK_TILES) -> None:
+                 log: logging.Logger | None = None, chunk_tiles: int | None = None) -> None:
         import hashlib
 
         from pathrobust.dist import Team
@@ -721,8 +724,9 @@ def extract_dataset(model: Any, data: str | os.PathLike, out: str | os.PathLike 
         raise UserError("--overwrite with --shard: each shard would remove the others' work; remove the outputs "
                         "first, then start the shards")
     team = join(shard, device)
+    opened: list[logging.Logger] = []
     try:
-        if not team.is_main:
+        if not team.lead:
             progress = False
         sources = open_tile_sources(Path(data), slides, target_mpp, tile_size, slide_mpp)
         dev = resolve_device(local_device(device))
@@ -733,8 +737,9 @@ def extract_dataset(model: Any, data: str | os.PathLike, out: str | os.PathLike 
             raise UserError(f"merge {merge_into}: this launch now writes {out_dir}; run the shards again")
         out_dir.mkdir(parents=True, exist_ok=True)
         log = _file_logger(out_dir / EXTRACT_LOG, team.label())
+        opened.append(log)
         paths = [out_dir / f"{s.name}.h5" for s in sources]
-        if team.is_main:
+        if team.lead:
             shards.write_launch(out_dir, {
                 "command": "extract", "model": model if isinstance(model, str) else str(model), "data": str(data),
                 "out": str(out), "pooling": pooling, "weights": weights, "batch_size": batch_size, "workers": workers,
@@ -766,7 +771,7 @@ def extract_dataset(model: Any, data: str | os.PathLike, out: str | os.PathLike 
             extract_many(encoder, jobs, whole=True, num_workers=workers, precision=precision, device=dev,
                          progress=progress, log=log)
         team.barrier()
-        if not team.is_main:
+        if not team.lead:
             return []
         written = []
         for source, path in zip(sources, paths):
@@ -778,12 +783,16 @@ def extract_dataset(model: Any, data: str | os.PathLike, out: str | os.PathLike 
             say(f"✓ {path}  ({len(source)} tiles, {encoder.output_dim}-d, {encoder.pooling})")
         return written
     finally:
+        for log in opened:
+            for handler in list(log.handlers):
+                handler.close()
+                log.removeHandler(handler)
         team.close()
 
 
 def _file_logger(path: Path, label: str) -> logging.Logger:
     """A logger appending to ``path`` (every process of a launch appends its own lines)."""
-    log = logging.getLogger(f"pathrobust.extract.{path.parent.name}.{os.getpid()}")
+    log = logging.getLogger(f"pathrobust.extract.{os.getpid()}.{path.resolve()}")
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
         handler.close()

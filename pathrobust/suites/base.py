@@ -490,7 +490,7 @@ class SuiteRun:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise atomic.disk_error(exc, self.dir) or UserError(f"{self.dir}: cannot create ({exc.strerror})") from None
-        if self.team.is_main:
+        if self.team.lead:
             atomic.write_json(self.dir / "config.json", self.config)
             atomic.write_json(self.dir / "provenance.json", self.provenance)
         self.log.setLevel(logging.INFO)
@@ -499,7 +499,7 @@ class SuiteRun:
             tag = f"[{self.team.label()}] " if self.team.label() else ""
             handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
             self.log.addHandler(handler)
-        if self.team.is_main:
+        if self.team.lead:
             self.log.info("run %s: suite=%s model=%s config=%s", self.run_id, self.suite, self.model,
                           json.dumps(self.config, default=str))
         return self
@@ -663,7 +663,7 @@ def _run_suite(team, name, model, data, out, *, features, pooling, weights, devi
                overwrite, progress, protocol, db_path, say, trust_code, merge_into, options) -> dict[str, Any] | None:
     suite = load_suite(name, protocol)
     opts = options.pop("options", None) or make_options(suite, options)
-    if not team.is_main:
+    if not team.lead:
         say = lambda message: None  # noqa: E731 - one voice per launch
         progress = False
     out = Path(out)
@@ -739,9 +739,9 @@ def _run_suite(team, name, model, data, out, *, features, pooling, weights, devi
                                  log=run.log)
     if team.broadcast(run.finished and not overwrite):
         say(f"reusing the finished run {run.dir} (same model, data and protocol; --overwrite to redo it)")
-        return run.summary() if team.is_main else None
+        return run.summary() if team.lead else None
     with run:
-        if team.is_main:
+        if team.lead:
             from pathrobust import shards
 
             shards.write_launch(run.dir, shards.suite_launch(name, model, data, out, features, pooling, weights,
@@ -757,7 +757,7 @@ def _run_suite(team, name, model, data, out, *, features, pooling, weights, devi
             if ctx.cache is not None:
                 ctx.cache.team = team
                 team.handlers["feature-cache.embed"] = ctx.cache._embed_together
-        if not team.is_main:
+        if team.ranks and not team.is_main:
             team.serve()  # rank 0 evaluates; this rank computes its share of what it sends
             return None
         try:
