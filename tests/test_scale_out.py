@@ -315,3 +315,17 @@ def test_plism_shards_then_merge(plism, capsys):
     assert {who for _, _, who in _chunks(run_dir / "log.txt")} == {"shard 0/2", "shard 1/2"}
     code, err = _cli("merge", str(run_dir), capsys=capsys)
     assert code == 0 and "reusing the finished run" in err
+
+
+def test_gpu_check_runs_its_cpu_smoke_version(capsys, one_thread):
+    """benchmarks/gpu_check.py at tiny sizes on the CPU: every part starts and prints."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    gpu_check.main(["--cpu-smoke"])
+    out = capsys.readouterr().out
+    assert out.count("pipeline/bare") == 2 and "ViT-g/14" in out
+    assert "metrics/floor" in out and "GEMM" in out
+    assert "one distillation step" in out and "step" in out.split("one distillation step")[1]
