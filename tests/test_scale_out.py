@@ -329,3 +329,75 @@ def test_gpu_check_runs_its_cpu_smoke_version(capsys, one_thread):
     assert out.count("pipeline/bare") == 2 and "ViT-g/14" in out
     assert "metrics/floor" in out and "GEMM" in out
     assert "one distillation step" in out and "step" in out.split("one distillation step")[1]
+
+
+# -- locks --------------------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _lock_with(path: Path, **owner) -> None:
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **owner}))
+
+
+def test_lock_of_a_dead_or_reused_pid_is_taken_over(tmp_path):
+    from pathrobust import locks
+
+    lock = tmp_path / "item.lock"
+    me = locks._me()
+    _lock_with(lock, pid=me["pid"], start=me["start"])  # ours: a second claim from this process
+    assert locks.try_acquire(lock)
+    _lock_with(lock, pid=_dead_pid(), start=None)
+    assert locks.try_acquire(lock) and locks.owner(lock)["pid"] == os.getpid()
+    if me["start"] is not None:  # a live pid whose start time differs: the pid was reused
+        _lock_with(lock, pid=1, start=-5)
+        assert locks.try_acquire(lock)
+        _lock_with(lock, pid=1, start=locks._start_time(1))  # a live process that is not us
+        assert not locks.try_acquire(lock)
+
+
+def test_lock_of_another_host_goes_stale_without_heartbeat(tmp_path):
+    from pathrobust import locks
+
+    lock = tmp_path / "item.lock"
+    _lock_with(lock, host="elsewhere", pid=1, time=time.time() - 10)
+    assert not locks.try_acquire(lock, stale_after=60)
+    _lock_with(lock, host="elsewhere", pid=1, time=time.time() - 120)
+    assert locks.try_acquire(lock, stale_after=60)
+    before = locks.owner(lock)["time"]
+    time.sleep(0.01)
+    assert locks.refresh(lock) and locks.owner(lock)["time"] > before
+    with locks.Heartbeat(interval=0.01) as heartbeat:
+        heartbeat.add(lock)
+        time.sleep(0.1)
+    assert locks.owner(lock)["time"] > before + 0.01
+    locks.release(lock)
+    assert not lock.exists()
+
+
+def _race(path: str, barrier, done, results) -> None:
+    from pathrobust import locks
+
+    barrier.wait()
+    results.put(locks.try_acquire(path, stale_after=60))
+    done.wait()  # the winner stays alive until all have tried (a dead winner's lock is stale again)
+
+
+def test_one_of_several_processes_takes_over_a_stale_lock(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    lock = tmp_path / "item.lock"
+    for _ in range(3):
+        _lock_with(lock, pid=_dead_pid(), start=None)
+        barrier, done, results = ctx.Barrier(4), ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(str(lock), barrier, done, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        wins = [results.get(timeout=5) for _ in procs]
+        assert wins.count(True) == 1, wins
+        assert not list(tmp_path.glob("*.takeover"))

@@ -521,10 +521,12 @@ class SuiteRun:
     @contextlib.contextmanager
     def completing(self, say: Callable[[str], None] | None = None, poll: float = 1.0) -> Iterator[None]:
         """Hold the run's lock while evaluating and finishing; while another live process
-        holds it (another launch completing the same run), wait for it."""
+        holds it (another launch completing the same run), wait for it. The lock's heartbeat
+        is kept fresh, so a holder that died on another host is taken over after
+        :data:`pathrobust.locks.ITEM_STALE_AFTER_S` seconds."""
         lock = self.dir / LOCK
         told = False
-        while not locks.try_acquire(lock):
+        while not locks.try_acquire(lock, locks.ITEM_STALE_AFTER_S):
             if not told and say is not None:
                 owner = locks.owner(lock) or {}
                 say(f"another process (pid {owner.get('pid')} on {owner.get('host')}) is completing {self.dir}; "
@@ -533,7 +535,9 @@ class SuiteRun:
             time.sleep(poll)
         self._lock = lock
         try:
-            yield
+            with locks.Heartbeat() as heartbeat:
+                heartbeat.add(lock)
+                yield
         finally:
             locks.release(lock)
             self._lock = None
