@@ -9,7 +9,8 @@ too — batches stay uint8 in pinned memory), runs the encoder under ``inference
 * ``features`` float32 ``(N, D)``, ``coords`` int64 ``(N, 2)``, ``tile_ids`` (bytes) when the
   source has ids;
 * attributes: model, spec hash and spec JSON, weights sha256, pooling, precision, input size,
-  mean/std, source name and fingerprint, pathrobust version.
+  mean/std, source name and fingerprint, pathrobust version, and the source's own
+  ``attrs()`` (slides: read level, tile size, µm/px; TRIDENT/CLAM names also on ``coords``).
 
 Work items are *chunks*: runs of tiles (a multiple of the batch size) of one output file,
 written to ``<out>.partial/NNNNNN.npy`` atomically as they complete. ``manifest.json`` there
@@ -46,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pathrobust import atomic
-from pathrobust.data.tiles import TileSource
+from pathrobust.data.tiles import COORDS_ATTRS, TileSource
 from pathrobust.devices import autocast, resolve_device, resolve_precision
 from pathrobust.encoders.base import Encoder, prepare_tile
 from pathrobust.errors import UserError
@@ -86,6 +87,7 @@ def feature_attrs(encoder: Encoder, source: TileSource, precision: str) -> dict[
         spec=json.dumps(encoder.spec.to_dict(), sort_keys=True),
         pathrobust_version=__version__,
     )
+    attrs.update(source.attrs())  # how the tiles were made (slides: read level, tile size, µm/px)
     return attrs
 
 
@@ -150,7 +152,10 @@ def write_feature_h5(path: Path, features: np.ndarray, coords: np.ndarray, tile_
     with atomic.atomic_path(path) as tmp:
         with h5py.File(tmp, "w", track_order=False) as f:
             f.create_dataset("features", data=features.astype(np.float32, copy=False), track_times=False)
-            f.create_dataset("coords", data=coords.astype(np.int64, copy=False), track_times=False)
+            coords_ds = f.create_dataset("coords", data=coords.astype(np.int64, copy=False), track_times=False)
+            for key in COORDS_ATTRS:  # TRIDENT and CLAM read the tiling geometry from the coords dataset
+                if key in attrs:
+                    coords_ds.attrs[key] = attrs[key]
             if tile_ids is not None:
                 f.create_dataset("tile_ids", data=np.array([t.encode() for t in tile_ids], dtype="S"),
                                  track_times=False)

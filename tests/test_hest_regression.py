@@ -113,3 +113,13 @@ def test_alpha_cv_prefers_strong_ridge_on_noise_and_weak_on_clean_signal():
     assert best_clean <= 1e-1
     with pytest.raises(ValueError, match="at least 2"):
         R.choose_alpha_cv(X, Y, np.repeat(["a"], 200), alphas)
+
+
+def test_constant_gene_is_left_out_of_the_fold_mean_visibly():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 8))
+    Y = X[:, :3] @ rng.normal(size=(3, 4)) + rng.normal(0, 0.1, size=(60, 4))
+    Y[40:, 2] = 1.0  # gene 2 is constant over the test spots
+    score = R.fit_predict_fold(X[:40], Y[:40], X[40:], Y[40:], n_components=4)
+    assert score.undefined_genes == 1 and np.isnan(score.pearson[2])
+    assert score.mean == pytest.approx(np.mean(score.pearson[[0, 1, 3]]))

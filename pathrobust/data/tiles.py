@@ -7,6 +7,8 @@ A :class:`TileSource` is an indexable collection of uint8 RGB tiles with a stabl
 * ``source.coords`` — ``(N, 2)`` int64 (x, y), level-0 pixels for slides, a grid position or
   zeros where the source has none.
 * ``source.tile_ids`` — ``list[str]`` or ``None``: stable identifiers (file names, PLISM tile ids).
+* ``source.attrs()`` — extra h5 attributes of the feature file (slides: read level, tile size,
+  µm/px, level-0 footprint in TRIDENT/CLAM names); ``{}`` by default.
 
 Sources must be picklable (DataLoader workers) and open file handles lazily per process.
 """
@@ -14,6 +16,7 @@ Sources must be picklable (DataLoader workers) and open file handles lazily per 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +25,10 @@ import numpy as np
 from pathrobust.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Attributes TRIDENT (patch_size, patch_size_level0, level0/target_magnification, level0_width/height,
+# overlap, name) and CLAM (patch_level, patch_size) keep on the ``coords`` dataset of their h5 files.
+COORDS_ATTRS = ("name", "patch_level", "patch_size", "patch_size_level0", "level0_magnification",
+                "target_magnification", "level0_width", "level0_height", "overlap")
 
 
 class TileSource:
@@ -36,6 +43,12 @@ class TileSource:
 
     def read(self, index: int) -> np.ndarray:
         raise NotImplementedError
+
+    def attrs(self) -> dict[str, int | float | str]:
+        """Attributes the feature file records about how the tiles were made (none by default).
+        Keys named in :data:`COORDS_ATTRS` are also written on the ``coords`` dataset, where
+        TRIDENT and CLAM readers look for them."""
+        return {}
 
     def fingerprint(self) -> str:
         """Cheap identity of the data (for provenance): name, size and first/last ids."""
@@ -58,7 +71,8 @@ def read_image(path: Path) -> np.ndarray:
 class FolderTiles(TileSource):
     """Image files (png/jpg/tif) in a folder, sorted by relative path (recursive).
 
-    Coordinates come from names ending in ``_<x>_<y>`` when present, else ``(index, 0)``."""
+    Coordinates come from the file names when they hold x and y (see :func:`coords_from_name`),
+    else ``(index, 0)``."""
 
     def __init__(self, root: str | os.PathLike, name: str | None = None, recursive: bool = True) -> None:
         self.root = Path(root)
@@ -79,11 +93,28 @@ class FolderTiles(TileSource):
         return read_image(self.paths[index])
 
 
+# x and y labelled in the name: "x512_y1024", "x-512-y-1024", QuPath's "[x=512,y=1024,w=224,h=224]"
+_LABELLED_XY = re.compile(r"(?:^|[^a-z0-9])x[=_-]?(\d+)[^a-z0-9]+y[=_-]?(\d+)(?![0-9])", re.IGNORECASE)
+# two trailing integers: "tile_512_1024", "512_1024", "slide-512-1024", "(512, 1024)", "<i>_<level>_<x>_<y>"
+_TRAILING_XY = re.compile(r"(?:^|[^0-9])(\d+)\s*[_,-]\s*(\d+)\)?$")
+
+
+def coords_from_name(stem: str) -> tuple[int, int] | None:
+    """``(x, y)`` held by a tile file name (without suffix), or ``None``.
+
+    Labelled coordinates win (``x512_y1024``, ``tile_x=512,y=1024``, QuPath's
+    ``name [x=512,y=1024,w=224,h=224]``); otherwise the last two integers separated by ``_``,
+    ``-`` or ``,`` (``tile_512_1024``, ``512_1024``, ``tile_(512, 1024)``, PLISM's
+    ``<i>_<level>_<x>_<y>``)."""
+    found = _LABELLED_XY.search(stem)
+    if found is None:
+        found = _TRAILING_XY.search(stem.strip())
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def _coords_from_name(stem: str, index: int) -> tuple[int, int]:
-    parts = stem.replace("-", "_").split("_")
-    if len(parts) >= 3 and parts[-1].isdigit() and parts[-2].isdigit():
-        return int(parts[-2]), int(parts[-1])
-    return index, 0
+    xy = coords_from_name(stem)
+    return xy if xy is not None else (index, 0)
 
 
 class ArrayTiles(TileSource):

@@ -1,4 +1,4 @@
-"""Classification metrics for the EVA suite (pure functions, arrays in, numbers out).
+"""Classification metrics for the EVA and slide-level suites (pure functions, arrays in, numbers out).
 
 Balanced accuracy is eva's monitored and reported metric: torchmetrics'
 ``MulticlassAccuracy(average="macro")`` for multiclass tasks and ``BinaryBalancedAccuracy``
@@ -75,3 +75,111 @@ def mean_std(values) -> tuple[float, float]:
     if len(v) == 0:
         raise ValueError("mean_std of no values")
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+# -- slide-level metrics (eva's BinaryClassificationMetrics / MulticlassClassificationMetrics) --
+
+def roc_auc(y_true, scores) -> float:
+    """Binary AUROC: the probability that a positive outranks a negative, ties counting one
+    half (Mann-Whitney U with mid-ranks; equal to ``sklearn.metrics.roc_auc_score``).
+
+    Args:
+        y_true: ``(N,)`` labels in {0, 1}; both must occur.
+        scores: ``(N,)`` scores (probabilities or logits), higher = positive.
+    """
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"y_true {y.shape} and scores {s.shape} differ in length")
+    if not np.isfinite(s).all():
+        raise ValueError("AUROC of non-finite scores")
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if n_pos == 0 or n_neg == 0 or n_pos + n_neg != len(y):
+        raise ValueError("AUROC needs binary labels with both classes present")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # mid-ranks of tied runs
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    mid = (starts + ends + 1) / 2.0  # 1-based average rank of each run
+    ranks[order] = np.repeat(mid, ends - starts)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_auc_macro(y_true, probs) -> float:
+    """Multiclass AUROC, one-vs-rest, macro mean over the classes that have both positives
+    and negatives. ``probs`` ``(N, C)``."""
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"probs {p.shape} must be (N, C) for {len(y)} labels")
+    aucs = [roc_auc((y == c).astype(np.int64), p[:, c]) for c in range(p.shape[1])
+            if 0 < (y == c).sum() < len(y)]
+    if not aucs:
+        raise ValueError("AUROC needs at least two classes present")
+    return float(np.mean(aucs))
+
+
+def _confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    p = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    if y.shape != p.shape:
+        raise ValueError(f"y_true {y.shape} and y_pred {p.shape} differ in length")
+    return np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def precision_recall_f1(y_true, y_pred, num_classes: int = 2) -> tuple[float, float, float]:
+    """Precision, recall and F1 as torchmetrics reports them: of class 1 for binary tasks;
+    for multiclass the macro mean over classes with any support or prediction. A zero
+    denominator scores 0."""
+    cm = _confusion(y_true, y_pred, num_classes).astype(np.float64)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    if num_classes == 2:
+        return float(precision[1]), float(recall[1]), float(f1[1])
+    seen = (tp + fp + fn) > 0
+    return float(precision[seen].mean()), float(recall[seen].mean()), float(f1[seen].mean())
+
+
+def slide_metrics(y_true, probs, num_classes: int, threshold: float = 0.5) -> dict[str, float]:
+    """eva's slide-level metrics of one run: ``balanced_accuracy`` (the headline), ``accuracy``,
+    ``auroc``, ``f1``, ``precision``, ``recall``.
+
+    Args:
+        y_true: ``(N,)`` labels in ``[0, C)``.
+        probs: binary: ``(N,)`` positive-class probabilities, predicted positive when
+            ``> threshold`` (eva: 0.5); multiclass: ``(N, C)`` probabilities, argmax.
+        num_classes: ``C``.
+    """
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if num_classes == 2:
+        p = p.reshape(-1)
+        pred = (p > threshold).astype(np.int64)
+        auroc = roc_auc(y, p)
+    else:
+        pred = p.argmax(-1)
+        auroc = roc_auc_macro(y, p)
+    precision, recall, f1 = precision_recall_f1(y, pred, num_classes)
+    return {"balanced_accuracy": balanced_accuracy(y, pred, num_classes), "accuracy": float((pred == y).mean()),
+            "auroc": auroc, "f1": f1, "precision": precision, "recall": recall}
+
+
+def summarise_runs(per_run: list[dict[str, float]]) -> dict[str, float]:
+    """``{metric}_mean`` and ``{metric}_sd`` (sample sd) over runs' metric dicts."""
+    out = {}
+    for key in per_run[0]:
+        out[f"{key}_mean"], out[f"{key}_sd"] = mean_std([r[key] for r in per_run])
+    return out
+
+
+def slide_metrics_runs(y_true, probs, num_classes: int, threshold: float = 0.5) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """:func:`slide_metrics` of every run and their mean / sample sd. ``probs`` ``(R, N)``
+    (binary) or ``(R, N, C)``. Returns ``(per_run, summary)``."""
+    per_run = [slide_metrics(y_true, p, num_classes, threshold) for p in np.asarray(probs)]
+    return per_run, summarise_runs(per_run)

@@ -262,8 +262,17 @@ class FoldScore:
     predictions: np.ndarray = field(repr=False, default=None)
 
     @property
+    def undefined_genes(self) -> int:
+        """Genes whose Pearson is undefined (constant over the test spots, or predicted constant)."""
+        return int(np.isnan(self.pearson).sum())
+
+    @property
     def mean(self) -> float:
-        return float(np.mean(self.pearson))
+        """Mean Pearson over the genes where it is defined. The reference's ``np.mean`` would be
+        NaN as soon as one gene is constant over a fold's test spots; pathrobust leaves such
+        genes out and says so (:attr:`undefined_genes`, a warning, the run's summary)."""
+        finite = self.pearson[np.isfinite(self.pearson)]
+        return float(np.mean(finite)) if finite.size else float("nan")
 
 
 def fit_predict_fold(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y_test: np.ndarray, *,

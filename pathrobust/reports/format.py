@@ -60,7 +60,7 @@ def role_column(report: Report, role: str) -> bool:
 
 
 def role_note(report: Report, role: str) -> str:
-    names = [report.shorts[s] for s in report.role_suites(role)]
+    names = [report.role_name(s, role) for s in report.role_suites(role)]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     have = "both" if len(names) == 2 else "all of them"
     return (f"{role.capitalize()} = mean of the {listed} scores (shown only for rows that have {have})."

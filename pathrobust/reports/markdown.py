@@ -43,7 +43,7 @@ def overall_header(report: Report) -> list[str]:
     header = ["Rank", "Model", "Pooling", "Precision", "Input"] + [report.titles[s] for s in report.suites]
     for role in ("accuracy", "robustness"):
         if fmt.role_column(report, role):
-            header.append(f"{role.capitalize()} ({', '.join(report.shorts[s] for s in report.role_suites(role))})")
+            header.append(f"{role.capitalize()} ({', '.join(report.role_name(s, role) for s in report.role_suites(role))})")
     return header + ["Mean rank", "Params", "Tiles/s"]
 
 

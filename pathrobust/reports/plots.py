@@ -125,10 +125,11 @@ def robustness_vs_accuracy(report: Report) -> Figure | None:
     real, synthetic = _split(report.overall, lambda r: (r.accuracy, r.robustness))
     published = [(r.accuracy, r.robustness, label(r)) for r in report.published_overall
                  if r.accuracy is not None and r.robustness is not None]
-    short = report.shorts
-    return _scatter_figure(real, synthetic, published, f"accuracy: mean of {' and '.join(short[s] for s in acc)} scores",
-                           f"robustness: {' and '.join(short[s] for s in rob)}"
-                           + (" (mean)" if len(rob) > 1 else ""), "Robustness vs accuracy")
+    def names(suites: list[str], role: str) -> str:
+        return " and ".join(report.role_name(s, role) for s in suites)
+    return _scatter_figure(real, synthetic, published, f"accuracy: {'mean of ' if len(acc) > 1 else ''}"
+                           f"{names(acc, 'accuracy')}", f"robustness: {'mean of ' if len(rob) > 1 else ''}"
+                           f"{names(rob, 'robustness')}", "Robustness vs accuracy")
 
 
 def _per_suite(report: Report, x_of: Callable[[Row], float | None], xlabel: str, title: str,

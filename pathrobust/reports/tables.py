@@ -120,8 +120,18 @@ class Report:
     roles: dict[str, str] = field(default_factory=dict)
     shorts: dict[str, str] = field(default_factory=dict)
 
+    secondary: dict[str, tuple[str, str]] = field(default_factory=dict)  # suite -> (role, label)
+
     def role_suites(self, role: str) -> list[str]:
-        return [s for s in self.suites if self.roles.get(s) == role]
+        """The suites that count in a role (ranked in it, or speaking for it with a secondary metric)."""
+        return [s for s in self.suites if self.roles.get(s) == role or self.secondary.get(s, ("",))[0] == role]
+
+    def role_name(self, suite: str, role: str) -> str:
+        """How a suite is named where it counts in ``role`` (its short name, plus the secondary
+        metric's label when that is how it counts)."""
+        if self.roles.get(suite) != role and suite in self.secondary:
+            return f"{self.shorts[suite]} {self.secondary[suite][1]}".strip()
+        return self.shorts[suite]
 
     @property
     def synthetic(self) -> bool:
@@ -237,6 +247,7 @@ def _tasks_board(suite: str, d: LeaderboardSpec, records: list[RunRecord],
         if rank_rec is not None:
             row.score = _finite(rank_rec.metrics.get(d.task_metric))
             row.stds["_score"] = _finite(rank_rec.metrics.get(d.task_std))
+            row.metrics = {k: _finite(v) for k, v in rank_rec.metrics.items()}
         else:  # no average recorded: the same rule over the tasks present
             row.score = _mean(v for t, v in row.values.items() if t not in d.excluded and t not in separate)
         rows.append(row)
@@ -287,10 +298,19 @@ def _overall(boards: list[SuiteBoard]) -> list[OverallRow]:
             if stamp > stamps.setdefault(key, {}).get(board.suite, ("", "")):
                 stamps[key][board.suite] = stamp
                 row.scores[board.suite] = r.score
+                if board.spec is not None and board.spec.secondary_role:
+                    row.scores[f"{board.suite}:{board.spec.secondary_role}"] = r.metrics.get(board.spec.secondary_metric)
                 row.params = row.params or r.params
                 if row.tiles_per_s is None:
                     row.tiles_per_s = r.tiles_per_s
     return _rank_overall(list(rows.values()), boards)
+
+
+def role_keys(boards: list[SuiteBoard], role: str) -> list[str]:
+    """The overall-score keys of a role: suites ranked in that role, and ``<suite>:<role>`` for
+    suites that speak for it with a secondary metric."""
+    keys = [b.suite for b in boards if b.role == role]
+    return keys + [f"{b.suite}:{role}" for b in boards if b.spec is not None and b.spec.secondary_role == role]
 
 
 def _role_mean(row: OverallRow, suites: list[str]) -> float | None:
@@ -307,8 +327,7 @@ def _rank_overall(rows: list[OverallRow], boards: list[SuiteBoard]) -> list[Over
                         key=lambda r: sign * r.scores[board.suite])
         for i, r in enumerate(scored):
             ranks[id(r)].append(i + 1)
-    accuracy = [b.suite for b in boards if b.role == "accuracy"]
-    robustness = [b.suite for b in boards if b.role == "robustness"]
+    accuracy, robustness = role_keys(boards, "accuracy"), role_keys(boards, "robustness")
     for r in rows:
         r.accuracy = _role_mean(r, accuracy)
         r.robustness = _role_mean(r, robustness)
@@ -355,4 +374,6 @@ def build_report(records: Iterable[RunRecord], suites: Sequence[str] | None = No
         boards.append(make(suite, d, by_suite.get(suite, []), published.get(suite)))
     return Report(boards=boards, overall=_overall(boards), published_overall=_published_overall(boards),
                   suites=chosen, titles={s: defs[s].title for s in chosen}, roles={s: defs[s].role for s in chosen},
-                  shorts={s: defs[s].short for s in chosen})
+                  shorts={s: defs[s].short for s in chosen},
+                  secondary={s: (defs[s].secondary_role, defs[s].secondary_label) for s in chosen
+                             if defs[s].secondary_role})

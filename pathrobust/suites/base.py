@@ -147,6 +147,11 @@ class LeaderboardSpec:
     separate_metric: str = ""
     separate_std: str = ""
     separate_label: str = ""
+    # a suite may also speak for the other role with one metric of its ranked row (e.g. a
+    # slide-level suite: balanced accuracy ranks it, its mean CCC is robustness)
+    secondary_role: str = field(default="", metadata=one_of("", *ROLES))
+    secondary_metric: str = ""
+    secondary_label: str = ""
     published: str = ""  # file of published rows, relative to the TOML
     scatter: list[ScatterPlot] = field(default_factory=list)
     bars: list[BarPlot] = field(default_factory=list)
@@ -158,6 +163,8 @@ class LeaderboardSpec:
             raise UserError("'leaderboard.rank_metric' is missing (required for kind = \"metrics\")")
         if self.kind == "tasks" and not (self.task_metric and self.rank_task):
             raise UserError("'leaderboard.task_metric' and 'leaderboard.rank_task' are required for kind = \"tasks\"")
+        if self.secondary_role and (self.secondary_role == self.role or not self.secondary_metric):
+            raise UserError("'leaderboard.secondary_role' needs another role than 'role' and a 'secondary_metric'")
         if self.ci and len(self.ci) != 2:
             raise UserError("'leaderboard.ci' must name two metrics, [low, high]")
 

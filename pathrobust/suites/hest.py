@@ -15,6 +15,7 @@ pooling — are recorded in the run's config, provenance and every results-DB ro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,12 @@ def evaluate_task(task: H.HestTask, embed_root: Path, folder: str, protocol: Hes
                                                  alpha_numerator=proto.alpha_numerator, tol=proto.ridge_tol,
                                                  max_iter=proto.ridge_max_iter, **common)
             score.predictions = None  # not kept: a fold's predictions are as large as its targets
+            if score.undefined_genes:
+                if score.undefined_genes == len(score.pearson):
+                    raise UserError(f"{task.root}: fold {fold.index} has no gene with a defined Pearson "
+                                    "(every gene constant over the test spots)")
+                warnings.warn(f"{task.name} fold {fold.index}: {score.undefined_genes} gene(s) constant over the test "
+                              "spots (Pearson undefined) left out of the fold's mean", stacklevel=2)
             folds.append(score)
             alphas.append(score.alpha)
             advance(1)
@@ -377,7 +384,9 @@ class HestSuite(Suite):
             "options": recorded.to_dict(), "embed_root": str(embed_root), "encoder_folder": folder,
             "tasks": {r.task: {"pearson_mean": r.summary[0], "pearson_std": r.summary[1],
                                "pearson_per_fold": r.fold_means, "alpha_per_fold": r.fold_alphas,
-                               "per_gene": dict(zip(r.genes, map(float, r.per_gene)))} for r in results},
+                               "undefined_genes_per_fold": [f.undefined_genes for f in r.folds],
+                               "per_gene": {g: (float(v) if np.isfinite(v) else None)
+                                            for g, v in zip(r.genes, r.per_gene)}} for r in results},
             "average": average,
             "reference": "mahmoodlab/HEST bench/benchmark.py + trainer.py",
         }
