@@ -199,6 +199,14 @@ class Team:
         dist.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable) on rank 0, in rank order; None on the others."""
+        if not self.ranks:
+            return [obj]
+        out = [None] * self.size if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self._control)
+        return out
+
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum of ``values`` over ranks (floats, same length on every rank)."""
         if not self.ranks:

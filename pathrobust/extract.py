@@ -395,6 +395,12 @@ class _Extractor:
         locks.release(job.chunk_lock(c))
 
     def _compute(self, job: FileJob, chunks: list[int]) -> None:
+        """Run the encoder over the claimed consecutive ``chunks`` of ``job``. Features stay
+        on the device until their chunk is complete; on CUDA the chunk then goes to pinned
+        host memory asynchronously and a saver thread writes it (waiting for the copy), so
+        the host keeps queuing batches and the GPU never waits for a disk."""
+        from concurrent.futures import ThreadPoolExecutor
+
         dev = self.device
         if not self._on_device:
             self.encoder.to(dev)
@@ -410,6 +416,9 @@ class _Extractor:
         outs: list[torch.Tensor] = []
         filled = 0
         started = time.perf_counter()
+        saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathrobust-chunk-saver") \
+            if dev.type == "cuda" else None
+        saving = []
         try:
             with torch.inference_mode(), autocast(self.precision, dev):
                 for batch in _on_device(_worker_errors_as_one_line(loader), dev):
@@ -421,24 +430,43 @@ class _Extractor:
                         continue
                     if filled != b - a:  # batches never straddle chunks (chunk = k * batch size)
                         raise RuntimeError(f"{job.out}: batch boundaries do not match its chunks")
-                    feats = torch.cat(outs).float().cpu().numpy()
-                    self._save(job, pending[0], feats)
+                    c = pending.pop(0)
+                    feats = torch.cat(outs).float()
                     outs, filled = [], 0
-                    pending.pop(0)
+                    if saver is None:
+                        self._save(job, c, feats.numpy())
+                        continue
+                    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+                    host.copy_(feats, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record()
+                    saving.append(saver.submit(self._save_when_copied, job, c, host, copied))
         finally:
             for c in pending:  # interrupted: give back what was claimed and not saved
                 self._release(job, c)
+            if saver is not None:
+                saver.shutdown(wait=True)
             self.inflight = 0
+        for future in saving:
+            future.result()  # a failed save (disk full, ...) is raised here
         self.encoder.tiles_embedded += stop - start
         self.encoder.seconds_embedding += time.perf_counter() - started
 
+    def _save_when_copied(self, job: FileJob, c: int, host: torch.Tensor, copied) -> None:
+        copied.synchronize()
+        self._save(job, c, host.numpy())
+
     def _save(self, job: FileJob, c: int, feats: np.ndarray) -> None:
-        have = _read_manifest(job.partial)
-        if have is None or have.get("identity") != job.identity() or int(have.get("chunk", -1)) != job.chunk:
-            raise UserError(f"{job.out}: its partial work was replaced by another process with different settings; "
-                            "rerun once that process is done")
-        atomic.save_npy(job.chunk_file(c), feats, fsync=True)
-        self._release(job, c)
+        """Write chunk ``c`` (atomically, fsynced) and release its lock — also when the write
+        fails, so another process can do it."""
+        try:
+            have = _read_manifest(job.partial)
+            if have is None or have.get("identity") != job.identity() or int(have.get("chunk", -1)) != job.chunk:
+                raise UserError(f"{job.out}: its partial work was replaced by another process with different "
+                                "settings; rerun once that process is done")
+            atomic.save_npy(job.chunk_file(c), feats, fsync=True)
+        finally:
+            self._release(job, c)
         self.inflight = 0
         self.computed += 1
         a, b = job.bounds(c)
@@ -502,8 +530,10 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 def _on_device(batches, dev: torch.device):
-    """Batches on ``dev``; on CUDA the next one is copied on a side stream while the current
-    one is computed (pinned memory, non-blocking), so the GPU never waits for a copy."""
+    """Batches on ``dev``; on CUDA each one is copied on a side stream (pinned memory,
+    non-blocking) and the next is fetched from the loader only after the consumer has queued
+    its work on the current one, so the GPU computes batch k while batch k+1 is read and
+    copied."""
     if dev.type != "cuda":
         yield from batches
         return
@@ -517,13 +547,13 @@ def _on_device(batches, dev: torch.device):
         with torch.cuda.stream(stream):
             return batch.to(dev, non_blocking=True)
 
-    nxt = copy()
-    while nxt is not None:
+    batch = copy()
+    while batch is not None:
         current = torch.cuda.current_stream(dev)
         current.wait_stream(stream)
-        nxt.record_stream(current)
-        batch, nxt = nxt, copy()
-        yield batch
+        batch.record_stream(current)
+        yield batch  # the consumer queues its forward pass on the current stream
+        batch = copy()
 
 
 def extract_many(encoder: Encoder, jobs: list[FileJob | None], *, team=None, whole: bool = True,
