@@ -220,11 +220,6 @@ class FileJob:
     def identity(self) -> dict[str, str]:
         return {k: str(self.attrs[k]) for k in IDENTITY_ATTRS}
 
-    def describe(self) -> dict[str, Any]:
-        """What identifies this file's work (the plan of a sharded launch)."""
-        return {"out": self.out.name, "n": self.n, "chunk": self.chunk, "batch_size": self.batch_size,
-                **self.identity()}
-
 
 def _ceil_to(x: int, m: int) -> int:
     return (x + m - 1) // m * m
@@ -262,6 +257,11 @@ def plan_file(encoder: Encoder, source: TileSource, out_path: str | os.PathLike,
     if pieces > 1 and len(source) > 0:
         chunk = min(chunk, _ceil_to(-(-len(source) // pieces), batch_size))
     job.batch_size, job.chunk = _open_partial(job, chunk, batch_size)
+    if out_path.exists():  # assembled by another process while we looked: our fresh manifest is not needed
+        if job.done_chunks() == set():
+            shutil.rmtree(job.partial, ignore_errors=True)
+        return plan_file(encoder, source, out_path, batch_size=batch_size, precision=precision,
+                         chunk_tiles=chunk_tiles, pieces=pieces)
     return job
 
 
