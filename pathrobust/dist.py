@@ -217,17 +217,19 @@ class Team:
 
     # rank 0 drives, the other ranks serve: sections of work every rank runs together
     def together(self, fn: Callable[..., Any] | str, *args: Any) -> Any:
-        """Rank 0: run ``fn(*args)`` on every rank at once (the others wait in :meth:`serve`)
-        and return rank 0's result. ``fn`` is a module-level function (sent by reference) or
-        the name of a handler each rank registered in ``handlers`` (an object of its own,
-        such as its feature cache). Inside, ranks take their share and may :meth:`barrier`."""
+        """Rank 0: run ``fn(team, *args)`` on every rank at once (the others wait in
+        :meth:`serve`) and return rank 0's result. ``fn`` is a module-level function (sent by
+        reference; it may keep per-process state between calls) or the name of a handler
+        each rank registered in ``handlers`` (a method of an object of its own, such as its
+        feature cache). Inside, each rank takes its share and may :meth:`barrier` or
+        :meth:`gather`. In one process this is just ``fn(team, *args)``."""
         if not self.ranks:
-            return self._resolve(fn)(*args)
+            return self._resolve(fn)(self, *args)
         if not self.is_main:
             raise RuntimeError("Team.together is called by rank 0; the other ranks serve()")
         self.broadcast(("call", fn, args))
         self._inside = True
-        result = self._resolve(fn)(*args)
+        result = self._resolve(fn)(self, *args)
         self._inside = False
         return result
 
@@ -240,7 +242,7 @@ class Team:
             if message is None or message[0] == "stop":
                 return
             _, fn, args = message
-            self._resolve(fn)(*args)
+            self._resolve(fn)(self, *args)
 
     def stop(self) -> None:
         """Rank 0: release the serving ranks (not from inside a section that failed half-way:

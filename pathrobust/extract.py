@@ -716,10 +716,9 @@ class FeatureCache:
             return path  # finished: no need to call the other ranks
         return self.team.together("feature-cache.embed", source, name, overwrite)
 
-    def _embed_together(self, source: TileSource, name: str | None, overwrite: bool) -> Path:
+    def _embed_together(self, team, source: TileSource, name: str | None, overwrite: bool) -> Path:
         """Every rank at once (one process alone: just this one): rank 0 plans (and removes
         what ``overwrite`` replaces), then all take their block of the file's chunks."""
-        team = self.team
         job = self.plan(source, name, overwrite, pieces=team.size) if team.is_main else None
         team.barrier()
         if not team.is_main:
