@@ -505,6 +505,10 @@ class _Extractor:
         holds, taking over those of dead ones); with ``whole``, also see every job's file
         assembled (waiting if another process is assembling it)."""
         delay = self.POLL_MIN
+        # what is left, last files first (chunks in order within a file): a member that finished
+        # its block early meets the slower ones in the middle instead of racing them for their next chunks
+        order = {id(j): k for k, j in enumerate(jobs)}
+        items = sorted(items, key=lambda jc: (-order.get(id(jc[0]), 0), jc[1]))
         while True:
             missing = [(j, c) for j, c in items if not j.finished and not j.chunk_done(c)]
             busy = self.work(missing) if missing else []
