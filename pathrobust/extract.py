@@ -734,6 +734,22 @@ class FeatureCache:
     def load(self, source: TileSource, name: str | None = None) -> FeatureFile:
         return load_features(self.embed(source, name))
 
+    def grids(self, source: TileSource, name: str | None = None, dtype: str = "float16") -> Path:
+        """The patch-token grid file of ``source`` (``<name>.grids.h5``, made by
+        :func:`pathrobust.encoders.grid.embed_token_grids` under this cache's precision), kept
+        while model, weights, source fingerprint and dtype agree, else recomputed."""
+        from pathrobust.encoders.grid import embed_token_grids, grid_file_current
+        from pathrobust.progress import tile_progress
+
+        path = self.path(name or source.name)
+        path = path.with_name(path.name[:-len(".h5")] + ".grids.h5")
+        if grid_file_current(path, self.encoder, source, dtype):
+            return path
+        with tile_progress(f"{self.encoder.name} · {name or source.name} · token grids", total=len(source),
+                           enabled=self.progress, transient=True) as advance, autocast(self.precision, self.device):
+            return embed_token_grids(self.encoder, source, path, batch_size=self.batch_size, dtype=dtype,
+                                     device=self.device, overwrite=True, progress=advance)
+
 
 # -- a whole dataset: the `pathrobust extract` command ------------------------------------------------
 EXTRACT_LOG = "extract.log"

@@ -15,7 +15,7 @@ from helpers import tiny_vit_spec
 from pathrobust.data.eva_dense import DenseLabels, read_generic_dense
 from pathrobust.data.synth_dense import SynthDenseConfig, write_synth_dense
 from pathrobust.encoders.base import build_encoder
-from pathrobust.probes.decoder import (ConvDecoderWithImage, DecoderConfig, DenseSplit, _epoch_rows,
+from pathrobust.probes.decoder import (ConvDecoderWithImage, DecoderConfig, DenseSplit, _epoch_rows, dice_loss,
                                        evaluate_decoder, normalize_images, train_decoder_runs)
 from pathrobust.probes.dense import evaluate_dense_task
 
@@ -72,6 +72,39 @@ def test_forward_equals_eva_layer_sequence(training):
         assert out.shape == (2, 5, 30, 30)
         ref = _reference_forward(sd, features.to(dtype), images.to(dtype), training)
         assert torch.allclose(out, ref, atol=tol, rtol=0), (dtype, float((out - ref).abs().max()))
+
+
+@pytest.mark.parametrize("grid,size,greyscale", [((4, 4), (30, 30), False), ((3, 5), (17, 40), False),
+                                                   ((8, 8), (112, 112), False), ((2, 2), (9, 9), True)])
+def test_reordered_forward_equals_literal_layers_with_gradients(grid, size, greyscale):
+    """forward (taps at grid resolution + interpolation matrices, matmul classifier) is the
+    same function as the literal layer sequence, and so are its parameter gradients."""
+    dec = ConvDecoderWithImage(in_features=6, num_classes=4, greyscale=greyscale).double()
+    _randomise(dec, seed=3)
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 6, *grid, generator=g, dtype=torch.float64)
+    images = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 4, (2, *size), generator=g)
+    outs, grads = [], []
+    for fn in (dec.forward, dec.forward_layers):
+        dec.zero_grad()
+        out = fn(features, images)
+        dice_loss(out, target).backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in dec.named_parameters()})
+    assert outs[0].shape == (2, 4, *size)
+    assert torch.allclose(outs[0], outs[1], atol=1e-10, rtol=0)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-12, rtol=1e-9), name
+
+
+def test_bilinear_matrix_is_torch_interpolation():
+    from pathrobust.probes.decoder import bilinear_matrix
+
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    want = F.interpolate(x[None], size=(20, 11), mode="bilinear", align_corners=False)[0]
+    got = bilinear_matrix(7, 20) @ x @ bilinear_matrix(5, 11).T
+    assert torch.allclose(got, want, atol=1e-12)
 
 
 def test_state_dict_uses_eva_names():

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pathrobust.cli import console, data_app, err_console, reflow_help, run_app
+from pathrobust.errors import UserError
 from pathrobust.suites.base import Suite, iter_options, list_suites
 
 COMMON_HELP = {
@@ -173,11 +174,16 @@ def print_summary(suite: Suite, summary: dict[str, Any]) -> None:
         table.add_column("task")
         table.add_column(lb.task_metric.replace("_", " "), justify="right")
         for task, metrics in rows.items():
-            value, std = metrics.get(lb.task_metric), metrics.get(lb.task_std)
+            metric, std_metric, label = lb.task_metric, lb.task_std, task
+            if lb.separate_metric and metric not in metrics and lb.separate_metric in metrics:
+                metric, std_metric, label = lb.separate_metric, lb.separate_std, f"{task} ({lb.separate_label})"
+            value, std = metrics.get(metric), metrics.get(std_metric) if std_metric else None
             text = "—" if value is None else f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
-            name = f"[bold]{task}[/]" if task == lb.rank_task else task
+            name = f"[bold]{task}[/]" if task == lb.rank_task else label
             table.add_row(name, text)
     console.print(table)
+    for note in summary.get("notes", []):
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     err_console.print(f"[green]✓[/] {summary['run_dir']}", highlight=False, soft_wrap=True)
 
 
@@ -217,8 +223,13 @@ def make_synth_command(suite: Suite):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[f.name] = value
         flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(synthetic)}
-        checked = from_dict(type(synthetic), {**to_dict(synthetic), **overrides}, "command line")
-        del checked  # validated (ranges, types); the suite builds from the overrides
+        try:  # the same checks as the TOML's [synthetic] table, named by option
+            from_dict(type(synthetic), {**to_dict(synthetic), **overrides}, "synth")
+        except UserError as exc:
+            message = str(exc).removeprefix("synth: ")
+            for name, flag in flags.items():
+                message = message.replace(f"'{name}'", flag).replace(f"'{name}[", f"{flag}[")
+            raise UserError(message) from None
         path = suite.build_synthetic(Path(out), overrides, progress)
         err_console.print(f"[green]✓[/] {path}  (synthetic {suite.name} data; options: "
                           f"{', '.join(flags[k] + '=' + str(v) for k, v in overrides.items()) or 'defaults'})",

@@ -368,31 +368,61 @@ TASKS: dict[str, TaskLayout] = {
 TASK_ALIASES = {"pcam": "patch_camelyon", "patchcamelyon": "patch_camelyon", "nct-crc": "crc"}
 
 
-def _identify(path: Path) -> str | None:
+def identify(path: Path) -> str | None:
+    """What the folder holds: a patch task's name (``bach``, ``crc``...), ``class_folder``,
+    ``dense:<layout>`` (:func:`pathrobust.data.eva_dense.dense_layout`: ``consep``,
+    ``monusac``, ``generic``, ``synthetic``), or None. Dense layouts are checked first (the
+    generic one has ``train/`` folders too)."""
+    from pathrobust.data.eva_dense import dense_layout
+
+    layout = dense_layout(path)
+    if layout is not None:
+        return f"dense:{layout}"
     for name, layout in TASKS.items():
         if layout.marker(path):
             return name
     return "class_folder" if (path / "train").is_dir() else None
 
 
-def discover_tasks(data_root: str | os.PathLike, tasks: list[str] | None = None) -> dict[str, Path]:
-    """Map task name -> dataset root under ``data_root`` (eva's ``${DATA_ROOT}/<task>``
-    layout: ``bach/``, ``crc/``, ``mhist/``, ``patch_camelyon/``, ``breakhis/``; any other
-    folder with ``train/`` class folders is a task of its own). ``data_root`` may itself be one
-    dataset. ``tasks`` selects (names or aliases); unknown or absent ones raise."""
+def _dataset_name(kind: str, path: Path) -> str:
+    if kind in TASKS:
+        return kind
+    if kind in ("dense:consep", "dense:monusac"):
+        return kind.split(":", 1)[1]
+    return path.name  # class folders and generic / synthetic dense data: the folder's name
+
+
+def discover_datasets(data_root: str | os.PathLike) -> dict[str, tuple[str, Path]]:
+    """Every EVA dataset under ``data_root``: name -> (kind, root), ``kind`` as
+    :func:`identify` says (eva's ``${DATA_ROOT}/<task>`` layout; ``data_root`` may itself be
+    one dataset). An empty result is a one-line error."""
     root = Path(data_root)
     if not root.is_dir():
         raise UserError(f"--data {root}: not a directory")
-    found: dict[str, Path] = {}
-    own = _identify(root)
+    found: dict[str, tuple[str, Path]] = {}
+    own = identify(root)
     if own is not None:
-        found[own if own != "class_folder" else root.name] = root
+        found[_dataset_name(own, root)] = (own, root)
     else:
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            kind = _identify(sub)
-            if kind is None:
-                continue
-            found.setdefault(kind if kind != "class_folder" else sub.name, sub)
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            kind = identify(sub)
+            if kind is not None:
+                found.setdefault(_dataset_name(kind, sub), (kind, sub))
+    if not found:
+        raise UserError(f"--data {root}: no EVA dataset found (expected bach/, crc/, mhist/, patch_camelyon/, "
+                        "breakhis/, consep/, monusac/ in their published layouts, train/ + val/ class folders, "
+                        "or image + mask folders with a dataset.json)")
+    return found
+
+
+def discover_tasks(data_root: str | os.PathLike, tasks: list[str] | None = None) -> dict[str, Path]:
+    """Map patch task name -> dataset root under ``data_root`` (eva's ``${DATA_ROOT}/<task>``
+    layout: ``bach/``, ``crc/``, ``mhist/``, ``patch_camelyon/``, ``breakhis/``; any other
+    folder with ``train/`` class folders is a task of its own; dense datasets are left out).
+    ``data_root`` may itself be one dataset. ``tasks`` selects (names or aliases); unknown or
+    absent ones raise."""
+    root = Path(data_root)
+    found = {name: path for name, (kind, path) in discover_datasets(root).items() if not kind.startswith("dense:")}
     if tasks:
         wanted = [TASK_ALIASES.get(t.strip().lower(), t.strip().lower()) for t in tasks if t.strip()]
         absent = [t for t in wanted if t not in found]
@@ -401,8 +431,8 @@ def discover_tasks(data_root: str | os.PathLike, tasks: list[str] | None = None)
             raise UserError(f"--tasks {','.join(absent)}: not found under {root} (found: {have})")
         found = {t: found[t] for t in wanted}
     if not found:
-        raise UserError(f"--data {root}: no EVA dataset found (expected bach/, crc/, mhist/, patch_camelyon/, "
-                        "breakhis/ in their published layouts, or train/ + val/ class folders)")
+        raise UserError(f"--data {root}: no EVA patch-classification dataset found (expected bach/, crc/, mhist/, "
+                        "patch_camelyon/, breakhis/ in their published layouts, or train/ + val/ class folders)")
     return found
 
 

@@ -175,7 +175,9 @@ class DenseTiles(TileSource):
         self.tile_ids = [f"{rel[it.image]}@{self._item_id(it)}" for it in self.items]
         self.coords = np.array([(it.box[0], it.box[1]) if it.box else (it.params[1], it.params[0]) if it.params
                                 else (0, 0) for it in self.items], dtype=np.int64).reshape(-1, 2)
+        self.base = base
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._fingerprint: str | None = None
 
     @staticmethod
     def _item_id(it: _Item) -> str:
@@ -235,7 +237,18 @@ class DenseTiles(TileSource):
         return torch.from_numpy(images), torch.from_numpy(masks)
 
     def fingerprint(self) -> str:
-        return f"{self.name}:{len(self)}:{self.size}:{self.tile_ids[0]}..{self.tile_ids[-1]}"
+        """Identity of the tiles: name, count, size, a hash of every tile id (crop boxes and
+        views included) and the content fingerprint of the image files
+        (:func:`pathrobust.data.identity.fingerprint_files`), so a changed image changes it."""
+        if self._fingerprint is None:
+            import hashlib
+
+            from pathrobust.data.identity import fingerprint_files
+
+            ids = hashlib.sha256("\n".join(self.tile_ids).encode()).hexdigest()[:12]
+            content = fingerprint_files(self.base, self.paths)
+            self._fingerprint = f"{self.name}:{len(self)}:{self.size}:{ids}:{content}"
+        return self._fingerprint
 
 
 @dataclass
@@ -262,6 +275,27 @@ def _check_ids(mask: np.ndarray, allowed: int, path: Path, ignore_index: int | N
     if len(bad):
         raise UserError(f"{path}: class id {int(bad[0])} out of range (expected 0..{allowed - 1}"
                         f"{f' or {ignore_index}' if ignore_index is not None and ignore_index >= allowed else ''})")
+
+
+# -- layouts --------------------------------------------------------------------------------
+DENSE_LAYOUTS = ("consep", "monusac", "generic", "synthetic")
+SYNTHETIC_MANIFEST = "synth-dense.json"  # written by pathrobust.data.synth_dense
+
+
+def dense_layout(path: str | os.PathLike) -> str | None:
+    """The dense layout a folder holds: ``consep`` (``Train/Images`` or ``Test/Images``),
+    ``monusac`` (its two release folders), ``synthetic`` (the generic layout as
+    :mod:`pathrobust.data.synth_dense` writes it), ``generic`` (``dataset.json``), else None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if any((path / folder).is_dir() for folder in MONUSAC_DIRS.values()):
+        return "monusac"
+    if any((path / folder / "Images").is_dir() for folder in CONSEP_SPLITS.values()):
+        return "consep"
+    if (path / GENERIC_MANIFEST).is_file():
+        return "synthetic" if (path / SYNTHETIC_MANIFEST).is_file() else "generic"
+    return None
 
 
 # -- CoNSeP -----------------------------------------------------------------------------------

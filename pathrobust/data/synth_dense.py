@@ -39,27 +39,28 @@ import numpy as np
 import torch
 
 from pathrobust.cache import cache_dir
-from pathrobust.data.eva_dense import GENERIC_MANIFEST
+from pathrobust.data.eva_dense import GENERIC_MANIFEST, SYNTHETIC_MANIFEST
 from pathrobust.data.he import bundled_slide_rgb
 from pathrobust.data.slides import tissue_mask
+from pathrobust.data.synthetic import mark_synthetic
 from pathrobust.data.synth_plism import render_scanner, render_staining, scanner_params, staining_params
 from pathrobust.errors import UserError
 from pathrobust.stain import rgb_to_hed
 
 CLASSES = ("background", "nuclei", "stroma")
-MANIFEST = "synth-dense.json"
+MANIFEST = SYNTHETIC_MANIFEST
 VERSION = 1
 RENDER_PREFIX = "val_"
 
 
 @dataclass(frozen=True)
 class SynthDenseConfig:
-    """Sizes and thresholds (defaults: the demo's, ~1 minute of suite time on 2 CPU cores)."""
+    """Sizes and thresholds (sizes: the demo's, as suites/eva.toml [synthetic] sets them)."""
 
-    tile: int = 112
-    train_tiles: int = 32
-    val_tiles: int = 16
-    test_tiles: int = 16
+    tile: int = 96
+    train_tiles: int = 16
+    val_tiles: int = 8
+    test_tiles: int = 8
     renderings: tuple[str, ...] = ("GIV-AT2", "KRH-S360", "MY-P")  # <staining>-<scanner>
     nuclei_threshold: float = 0.09
     background_od: float = 0.35
@@ -72,13 +73,19 @@ def default_synth_dense_root() -> Path:
     return cache_dir("synth-dense")
 
 
+@lru_cache(maxsize=1)
+def tissue_integral() -> np.ndarray:
+    """Summed-area table ``(H + 1, W + 1)`` of the bundled slide's tissue mask (computed once
+    per process; the synthetic generators count tissue in windows with it)."""
+    mask = tissue_mask(bundled_slide_rgb()).astype(np.float32)
+    return np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+
 @lru_cache(maxsize=8)
 def _positions(band: str, size: int, min_tissue: float = 0.5) -> np.ndarray:
     """Top-left (x, y) of ``size`` windows with enough tissue inside one horizontal stripe of
     height ``4 * size``: even stripes for ``train``, odd ones for ``eval`` (disjoint tiles)."""
-    rgb = bundled_slide_rgb()
-    mask = tissue_mask(rgb).astype(np.float32)
-    ii = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ii = tissue_integral()
     frac = (ii[size:, size:] - ii[:-size, size:] - ii[size:, :-size] + ii[:-size, :-size]) / (size * size)
     ys, xs = np.nonzero(frac >= min_tissue)
     stripe = 4 * size
@@ -183,6 +190,8 @@ def write_synth_dense(out: str | os.PathLike | None = None, config: SynthDenseCo
         for r in config.renderings:
             _write_split(tmp, RENDER_PREFIX + r, val_names, render(val, r, config.seed), val_masks)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        mark_synthetic(tmp, "synth-dense", manifest, note="nucleus/stroma/background masks of real CC0 H&E tiles "
+                       "from haematoxylin density, under simulated stainings and scanners; not a real dataset")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

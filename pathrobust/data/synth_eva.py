@@ -15,10 +15,13 @@ come from different patients). Labels follow visible tissue properties:
   little, so it can separate about a third of the structure; an image encoder sees both.
 * MHIST-like, binary (SSA 0 / HP 1, ~40/60 as in MHIST): SSA tiles show the tissue at 1.6x
   magnification (enlarged, coarser nuclei and crypts), HP tiles at the native scale.
+* nuclei, a dense (segmentation) task: nucleus / stroma / background masks of real tiles,
+  with simulated stainings and scanners (:mod:`pathrobust.data.synth_dense`).
 
 Layouts written: ``crc/NCT-CRC-HE-100K/<CLASS>/*.tif``, ``crc/CRC-VAL-HE-7K/<CLASS>/*.tif``,
-``mhist/images/*.png`` + ``mhist/annotations.csv`` (MHIST's columns). The whole tree is
-written under a temporary name and renamed, so an interrupted build leaves nothing behind.
+``mhist/images/*.png`` + ``mhist/annotations.csv`` (MHIST's columns), ``nuclei/`` (the
+generic image + mask layout). The whole tree is written under a temporary name and renamed,
+so an interrupted build leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ import torch.nn.functional as F
 from pathrobust.cache import cache_dir
 from pathrobust.data.eva import CRC_CLASSES, CRC_TRAIN_DIR, CRC_VAL_DIR
 from pathrobust.data.he import bundled_slide_rgb
-from pathrobust.data.slides import tissue_mask
+from pathrobust.data.synth_dense import SynthDenseConfig, tissue_integral, write_synth_dense
 from pathrobust.data.synthetic import mark_synthetic
 from pathrobust.errors import UserError
 from pathrobust.stain import rgb_to_hed
 
 MANIFEST = "synth-eva.json"
-VERSION = 2
+VERSION = 3
+DENSE_DIR = "nuclei"
 TILE = 224
 ARCHITECTURES = ("native", "zoom2", "shuffle")
 H_THRESHOLD = 0.05  # haematoxylin concentration counted as nuclear
@@ -61,7 +65,18 @@ class SynthEvaConfig:
     mhist_tiles: int = 150
     mhist_test_fraction: float = 0.3
     mhist_ssa_fraction: float = 0.4
+    dense_tile: int = 96
+    dense_train_tiles: int = 16
+    dense_val_tiles: int = 8
+    dense_test_tiles: int = 8
+    dense_renderings: tuple[str, ...] = ("GIV-AT2", "KRH-S360", "MY-P")
     seed: int = 0
+
+    def dense(self) -> SynthDenseConfig:
+        """The nuclei set's :class:`~pathrobust.data.synth_dense.SynthDenseConfig`."""
+        return SynthDenseConfig(tile=self.dense_tile, train_tiles=self.dense_train_tiles,
+                                val_tiles=self.dense_val_tiles, test_tiles=self.dense_test_tiles,
+                                renderings=tuple(self.dense_renderings), seed=self.seed)
 
 
 def default_synth_root() -> Path:
@@ -75,9 +90,7 @@ def _tissue_positions(band: str, size: int = TILE, min_tissue: float = 0.6) -> n
     """Top-left (x, y) of every ``size`` window with enough tissue lying wholly inside a
     stripe of ``band`` (``val``: stripes 1, 4, 7, ...; ``train``: the others), so that no
     validation tile overlaps a training tile while both see every kind of tissue."""
-    rgb = bundled_slide_rgb()
-    mask = tissue_mask(rgb).astype(np.float32)
-    ii = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ii = tissue_integral()
     frac = (ii[size:, size:] - ii[:-size, size:] - ii[size:, :-size] + ii[:-size, :-size]) / (size * size)
     ys, xs = np.nonzero(frac >= min_tissue)
     inside = ys % STRIPE + size <= STRIPE
@@ -191,11 +204,11 @@ def _save(path: Path, tile: np.ndarray) -> None:
 
 def write_synth_eva(out: str | os.PathLike | None = None, config: SynthEvaConfig = SynthEvaConfig(),
                     overwrite: bool = False) -> Path:
-    """Write the synthetic CRC and MHIST datasets under ``out`` (default
+    """Write the synthetic CRC, MHIST and nuclei datasets under ``out`` (default
     :func:`default_synth_root`) and return it. An existing tree built with the same config is
     reused; one built otherwise is an error unless ``overwrite``."""
     out = Path(out) if out is not None else default_synth_root()
-    manifest = {"version": VERSION, **asdict(config)}
+    manifest = {"version": VERSION, **asdict(config), "dense_renderings": list(config.dense_renderings)}
     if out.exists():
         try:
             existing = json.loads((out / MANIFEST).read_text())
@@ -227,9 +240,10 @@ def write_synth_eva(out: str | os.PathLike | None = None, config: SynthEvaConfig
                 name = f"MHIST_s{i:04d}.png"
                 _save(images / name, tile)
                 writer.writerow([name, label, 7 if label == "SSA" else 0, part])
+        write_synth_dense(tmp / DENSE_DIR, config.dense())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        mark_synthetic(tmp, "synth-eva", asdict(config), note="CRC- and MHIST-like tasks from real CC0 H&E tiles; "
-                       "labels from measurable tissue properties, not the real datasets")
+        mark_synthetic(tmp, "synth-eva", asdict(config), note="CRC- and MHIST-like tasks and a nuclei segmentation "
+                       "task from real CC0 H&E tiles; labels from measurable tissue properties, not the real datasets")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

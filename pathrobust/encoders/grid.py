@@ -110,12 +110,24 @@ def token_grid(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
 def token_grid_shape(encoder: Encoder, size: int | None = None) -> tuple[int, int, int] | None:
     """``(C, h, w)`` of the encoder's grid for ``size`` px tiles (default: its input size), or
     None when it gives none (a suite can then skip its dense tasks for that encoder)."""
+    return None if grid_problem(encoder, size) else _probe(encoder, size)
+
+
+@torch.inference_mode()
+def grid_problem(encoder: Encoder, size: int | None = None) -> str | None:
+    """Why the encoder gives no patch-token grid for ``size`` px tiles (default: its input
+    size), as one line; None when it gives one."""
+    try:
+        _probe(encoder, size)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def _probe(encoder: Encoder, size: int | None) -> tuple[int, int, int]:
     size = size or encoder.input_size
     device = next(encoder.parameters(), torch.empty(0)).device
-    try:
-        return tuple(token_grid(encoder, torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device)).shape[1:])
-    except UserError:
-        return None
+    return tuple(token_grid(encoder, torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device)).shape[1:])
 
 
 def grid_attrs(encoder: Encoder, source: TileSource, dtype: str) -> dict[str, Any]:
@@ -151,6 +163,13 @@ def load_token_grids(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any
     except OSError as exc:
         raise UserError(f"{path}: not a readable h5 file ({exc})") from None
     return grids, read_grid_attrs(path)
+
+
+def grid_file_current(path: str | os.PathLike, encoder: Encoder, source: TileSource, dtype: str) -> bool:
+    """Whether ``path`` holds the grids of ``source`` by ``encoder`` in ``dtype`` (same
+    identity attributes: model, weights, source fingerprint, dtype...)."""
+    path = Path(path)
+    return path.is_file() and _same_identity(path, grid_attrs(encoder, source, dtype))
 
 
 def _same_identity(path: Path, attrs: dict[str, Any]) -> bool:
