@@ -143,6 +143,7 @@ def extract(
     slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="Slides: µm/px to assume when the file has none.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="h5 (CLAM/TRIDENT-style, default) or plismbench (also writes <out>/<model>/<slide_id>/features.npy).")] = "h5",
     trust_code: opt.TrustCode = False,
+    shard: opt.Shard = None,
     no_progress: opt.NoProgress = False,
 ) -> None:
     """Extract pooled tile features to h5 files (one per slide / tile folder / h5), resumable.
@@ -151,32 +152,27 @@ def extract(
     result is byte-identical to an uninterrupted run. Finished files are skipped unless
     --overwrite.
 
+    Several GPUs or nodes: launch it with torchrun; the ranks share the chunks of all files.
+    Job arrays: --shard i/n (or --shard slurm) per task; the last one to finish completes the
+    extraction (or `pathrobust merge OUT/MODEL`). Concurrent launches over the same outputs
+    share the work too: every chunk is computed once (lock files, taken over from dead
+    processes).
+
     Examples:
       pathrobust extract --model h0-mini --data tiles/ --out features/
       pathrobust extract --model virchow2 --pooling cls --data slides/ --slides --target-mpp 0.5
       pathrobust extract --model ./my_model.py:build --data patches.h5 --weights my.safetensors
       pathrobust extract --model h0-mini --data plism-dataset-tiles/ --format plismbench
+      torchrun --nproc_per_node 8 -m pathrobust extract --model uni --data slides/ --slides
+      pathrobust extract --model uni --data slides/ --slides --shard slurm   # in an sbatch --array job
     """
-    from pathrobust.data.plism import export_h5_to_plismbench
-    from pathrobust.data.sources import open_tile_sources
-    from pathrobust.encoders.base import build_encoder
-    from pathrobust.devices import resolve_device
-    from pathrobust.extract import extract_features
-    from pathrobust.store import safe_name
+    from pathrobust.extract import extract_dataset
 
-    if fmt not in ("h5", "plismbench"):
-        raise UserError(f"--format {fmt}: expected h5 or plismbench")
-    sources = open_tile_sources(data, slides, target_mpp, tile_size, slide_mpp)
-    encoder = build_encoder(model, pooling=pooling, weights=weights, device=resolve_device(device),
-                            trust_code=trust_code)
-    out_dir = out / safe_name(encoder.name)
-    for source in sources:
-        path = extract_features(encoder, source, out_dir / f"{source.name}.h5", batch_size=batch_size,
-                                num_workers=workers, precision=precision, device=device, overwrite=overwrite,
-                                progress=not no_progress)
-        if fmt == "plismbench":
-            path = export_h5_to_plismbench(path, out_dir, source.name, source.coords)
-        err_console.print(f"[green]✓[/] {path}  ({len(source)} tiles, {encoder.output_dim}-d, {encoder.pooling})")
+    extract_dataset(model, data, out, pooling=pooling, weights=weights, batch_size=batch_size, workers=workers,
+                    precision=precision, device=device, overwrite=overwrite, slides=slides, target_mpp=target_mpp,
+                    tile_size=tile_size, slide_mpp=slide_mpp, fmt=fmt, trust_code=trust_code,
+                    progress=not no_progress, shard=shard,
+                    say=lambda m: err_console.print(m, highlight=False, markup=False, soft_wrap=True))
 
 
 # -- entry point ---------------------------------------------------------------------------

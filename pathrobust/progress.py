@@ -46,3 +46,47 @@ def tile_progress(description: str, total: int, completed: int = 0, unit: str = 
             bar.update(task, rate=f"{rate:,.1f} {unit}/s", extra=postfix() if postfix else "")
 
         yield advance
+
+
+@contextlib.contextmanager
+def polled_progress(description: str, total: int, poll: Callable[[], int], unit: str = "tiles",
+                    enabled: bool = True, interval: float = 0.5, transient: bool = False) -> Iterator[Callable[[], None]]:
+    """A bar whose value comes from ``poll()`` (e.g. tiles in the finished chunk files of every
+    rank), read by a thread every ``interval`` seconds: rank 0 shows the work of all ranks and
+    the total rate. Yields ``refresh()`` to update it at once (e.g. at the end)."""
+    import threading
+
+    if not progress_enabled(enabled):
+        yield lambda: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=_console, transient=transient) as bar:
+        start = poll()
+        task = bar.add_task(description, total=total, completed=start, rate="")
+        stop = threading.Event()
+
+        def refresh() -> None:
+            done = poll()
+            t = bar.tasks[task]
+            elapsed = t.elapsed or 0.0
+            rate = (done - start) / elapsed if elapsed > 0 else 0.0
+            bar.update(task, completed=done, rate=f"{rate:,.1f} {unit}/s")
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    refresh()
+                except OSError:  # a file vanished between listing and reading: next time
+                    pass
+
+        thread = threading.Thread(target=loop, name="pathrobust-progress", daemon=True)
+        thread.start()
+        try:
+            yield refresh
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            refresh()

@@ -37,6 +37,10 @@ COMMON_HELP = {
     "trust_code": "Let the model folder's files (encoder.json, config.json) name code other than torch/timm layers.",
     "json": "Print the run's summary as JSON instead of a table.",
     "no_progress": "Hide progress bars.",
+    "shard": "Job arrays without torchrun: this process embeds share I of N (0-based) of the suite's tile sources "
+             "and leaves a marker; the last shard to finish (or `pathrobust merge RUN_DIR`) completes the run. "
+             "'slurm' reads SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT. Under torchrun the ranks share the work "
+             "without it.",
 }
 
 
@@ -62,6 +66,7 @@ def _common_parameters(suite: Suite) -> list[inspect.Parameter]:
         p("protocol", Annotated[Optional[Path], typer.Option("--protocol", help=COMMON_HELP["protocol"])], None),
         p("overwrite", Annotated[bool, typer.Option("--overwrite", help=COMMON_HELP["overwrite"])], False),
         p("trust_code", Annotated[bool, typer.Option("--trust-code", help=COMMON_HELP["trust_code"])], False),
+        p("shard", Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help=COMMON_HELP["shard"])], None),
         p("as_json", Annotated[bool, typer.Option("--json", help=COMMON_HELP["json"])], False),
         p("no_progress", Annotated[bool, typer.Option("--no-progress", help=COMMON_HELP["no_progress"])], False),
     ]
@@ -134,6 +139,8 @@ def make_run_command(suite: Suite):
         summary = run_suite(suite.name, values.pop("model"), values.pop("data"), values.pop("out"),
                             progress=progress, say=lambda m: err_console.print(m, highlight=False, markup=False),
                             **values, **options)
+        if summary is None or "missing_shards" in summary:
+            return  # a rank other than 0, or a shard whose run others complete
         if as_json:
             print(json.dumps(summary, indent=2, default=str))
         else:

@@ -1,41 +1,21 @@
-"""torch.distributed helpers that are no-ops in a single process.
+"""torch.distributed helpers of distillation (no-ops in a single process).
 
 Every reduction the losses need goes through here, so a 1-process run and an N-process
-run with the same global batch compute the same numbers. Also: joining the torchrun process
-group, DDP wrapping, gathering rows of different counts, the logged mean over ranks."""
+run with the same global batch compute the same numbers. The generic helpers (all-reduce,
+gathering rows of different counts, barrier, joining the torchrun process group) live in
+:mod:`pathrobust.dist` and are re-exported here; this module adds DDP wrapping, a
+differentiable all-gather and the logged mean over ranks."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
 
+from pathrobust.dist import (all_reduce_max, all_reduce_sum, barrier, destroy, gather_rows, init_distributed,
+                             is_distributed, rank, world_size)
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over ranks in place (returns ``x``)."""
-    if is_distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    """Maximum of ``x`` over ranks in place (returns ``x``)."""
-    if is_distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+__all__ = ["all_gather_with_grad", "all_reduce_max", "all_reduce_sum", "barrier", "destroy", "gather_rows",
+           "init_distributed", "is_distributed", "mean_over_ranks", "rank", "world_size", "wrap_ddp"]
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -65,12 +45,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
-    if is_distributed():
-        dist.barrier()
-
-
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` in DistributedDataParallel when there are several ranks, else itself."""
     if world_size() <= 1:
@@ -79,40 +53,9 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """All-gather rows of different counts (no gradient) -> concatenated in rank order."""
-    if not is_distributed():
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(counts, n)
-    m = int(max(c.item() for c in counts))
-    padded = torch.zeros(m, *x.shape[1:], device=x.device, dtype=x.dtype)
-    padded[: x.shape[0]] = x
-    out = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(c.item())] for o, c in zip(out, counts)])
-
-
 def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     """Loss terms for the log: each rank's value is its shard's share, so the mean over
     ranks is the loss of the global batch (what a 1-process run reports)."""
     values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
     values = all_reduce_sum(values) / world_size()
     return dict(zip(terms, values.tolist()))
-
-
-def init_distributed(device: str = "auto") -> bool:
-    """Join the torchrun process group when launched by torchrun (``WORLD_SIZE`` > 1):
-    nccl on GPU, gloo on CPU. Returns whether this call created the group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
-        return False
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
-def destroy() -> None:
-    dist.destroy_process_group()

@@ -24,6 +24,7 @@ directory: a finished run is reused (and says so), an interrupted one resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -462,11 +463,21 @@ def encoder_record_fields(encoder, precision: str) -> dict[str, Any]:
 
 class SuiteRun:
     """A run directory ``<out>/<suite>/<model>/<run-id>/`` with ``config.json``, ``log.txt``,
-    ``provenance.json`` and, once finished, ``summary.json`` and rows in the results DB.
-    Held under a lock file while in use: a second process on the same run gets one line."""
+    ``provenance.json``, ``launch.json`` (what ``pathrobust merge`` reruns) and, once
+    finished, ``summary.json`` and rows in the results DB.
+
+    Every process of a launch (torchrun ranks, job-array shards) and any concurrent launch
+    of the same run open it together and append to its log (lines tagged ``rank i/n`` or
+    ``shard i/n``); their work is shared item by item under the items' own locks (feature
+    chunks, PLISM pairs). Completing the run — evaluating and writing the summary and DB
+    rows — happens under the run's lock (:meth:`completing`): one process at a time, and a
+    second one waits, then finds the run finished."""
 
     def __init__(self, out: str | Path, suite: str, model: str, config: Mapping[str, Any],
-                 provenance: Mapping[str, Any] | None = None, db_path: str | Path | None = None) -> None:
+                 provenance: Mapping[str, Any] | None = None, db_path: str | Path | None = None,
+                 team: Any = None) -> None:
+        from pathrobust.dist import Team
+
         self.out = Path(out)
         self.suite = suite
         self.model = model
@@ -475,29 +486,29 @@ class SuiteRun:
         self.dir = run_dir_for(self.out, suite, model, self.run_id)
         self.db_path = Path(db_path) if db_path else self.out / DB_FILENAME
         self.provenance = {**(provenance or {}), "environment": environment()}
+        self.team = team or Team()
         self.started = time.perf_counter()
         self.log = logging.getLogger(f"pathrobust.{suite}.{self.run_id}")
         self._lock: Path | None = None
 
     def open(self) -> SuiteRun:
-        """Create the directory, take its lock, write config and provenance, start the log."""
+        """Create the directory, write config and provenance (the main process), start the log."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise atomic.disk_error(exc, self.dir) or UserError(f"{self.dir}: cannot create ({exc.strerror})") from None
-        lock = self.dir / LOCK
-        if not locks.try_acquire(lock):
-            raise locks.LockHeld(lock, locks._read(lock) or {})
-        self._lock = lock
-        atomic.write_json(self.dir / "config.json", self.config)
-        atomic.write_json(self.dir / "provenance.json", self.provenance)
+        if self.team.lead:
+            atomic.write_json(self.dir / "config.json", self.config)
+            atomic.write_json(self.dir / "provenance.json", self.provenance)
         self.log.setLevel(logging.INFO)
         if not self.log.handlers:
             handler = logging.FileHandler(self.dir / "log.txt")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            tag = f"[{self.team.label()}] " if self.team.label() else ""
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
             self.log.addHandler(handler)
-        self.log.info("run %s: suite=%s model=%s config=%s", self.run_id, self.suite, self.model,
-                      json.dumps(self.config, default=str))
+        if self.team.lead:
+            self.log.info("run %s: suite=%s model=%s config=%s", self.run_id, self.suite, self.model,
+                          json.dumps(self.config, default=str))
         return self
 
     def close(self) -> None:
@@ -513,6 +524,30 @@ class SuiteRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def completing(self, say: Callable[[str], None] | None = None, poll: float = 1.0) -> Iterator[None]:
+        """Hold the run's lock while evaluating and finishing; while another live process
+        holds it (another launch completing the same run), wait for it. The lock's heartbeat
+        is kept fresh, so a holder that died on another host is taken over after
+        :data:`pathrobust.locks.ITEM_STALE_AFTER_S` seconds."""
+        lock = self.dir / LOCK
+        told = False
+        while not locks.try_acquire(lock, locks.ITEM_STALE_AFTER_S):
+            if not told and say is not None:
+                owner = locks.owner(lock) or {}
+                say(f"another process (pid {owner.get('pid')} on {owner.get('host')}) is completing {self.dir}; "
+                    "waiting for it")
+                told = True
+            time.sleep(poll)
+        self._lock = lock
+        try:
+            with locks.Heartbeat() as heartbeat:
+                heartbeat.add(lock)
+                yield
+        finally:
+            locks.release(lock)
+            self._lock = None
 
     @property
     def finished(self) -> bool:
@@ -541,7 +576,11 @@ class SuiteRun:
 @dataclass
 class RunContext:
     """What :meth:`Suite.evaluate` gets: the suite's protocol and options, the opened data
-    (or precomputed features), the encoder with its feature cache, and the run."""
+    (or precomputed features), the encoder with its feature cache, and the run.
+
+    ``team`` (:class:`pathrobust.dist.Team`): under torchrun, ``evaluate`` runs on rank 0
+    while the other ranks serve; the feature cache already splits every extraction among
+    them, and a suite may split more of its own work with ``team.together(fn, ...)``."""
 
     suite: Suite
     options: Any
@@ -557,6 +596,7 @@ class RunContext:
     workers: int = 0
     progress: bool = True
     overwrite: bool = False
+    team: Any = None               # pathrobust.dist.Team (one process when None)
 
     @property
     def protocol(self) -> Any:
@@ -585,7 +625,8 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
               weights: str | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
               workers: int = 0, overwrite: bool = False, progress: bool = True, protocol: str | Path | None = None,
               db_path: str | Path | None = None, say: Callable[[str], None] | None = None,
-              trust_code: bool = False, **options: Any) -> dict[str, Any]:
+              trust_code: bool = False, shard: str | tuple[int, int] | None = None,
+              merge_into: str | Path | None = None, **options: Any) -> dict[str, Any] | None:
     """Run suite ``name`` on ``model`` (or on precomputed ``features``) and return its summary.
 
     Args:
@@ -597,13 +638,45 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
         out: runs folder (``<out>/<suite>/<model>/<run-id>/`` and ``<out>/results.sqlite``).
         features: precomputed features in the suite's layout instead of ``model``.
         trust_code: let a model folder's files name code beyond torch/timm/pathrobust layers.
+        shard: ``"i/n"`` (or ``"slurm"``): this process is shard ``i`` of a job array of ``n``:
+            it embeds its share of the suite's tile sources, leaves a marker, and the last
+            shard (or ``pathrobust merge RUN_DIR``) completes the run.
+        merge_into: ``pathrobust merge``: the run directory this call must complete (an error
+            when the model or data changed since the shards ran, instead of a new run).
         **options: the suite's own options (``pathrobust run <suite> --help``).
+
+    Under ``torchrun`` every rank calls this: extraction is split among the ranks, rank 0
+    evaluates and records the run; the other ranks return None. A shard whose run is not
+    complete yet returns ``{"shard": "i/n", "missing_shards": [...], "run_dir": ...}``.
 
     The summary is also ``summary.json`` in the run directory; a finished run with the same
     configuration is returned as it is unless ``overwrite``."""
+    from pathrobust.dist import join
+
+    say = say or (lambda message: None)
+    if shard is not None and overwrite:
+        from pathrobust.dist import parse_shard
+
+        if parse_shard(shard) if isinstance(shard, str) else shard:
+            raise UserError("--overwrite with --shard: each shard would remove the others' work; remove the run "
+                            "directory (or the files to redo) first, then start the shards")
+    team = join(shard, device)
+    try:
+        return _run_suite(team, name, model, data, out, features=features, pooling=pooling, weights=weights,
+                          device=device, precision=precision, batch_size=batch_size, workers=workers,
+                          overwrite=overwrite, progress=progress, protocol=protocol, db_path=db_path, say=say,
+                          trust_code=trust_code, merge_into=merge_into, options=options)
+    finally:
+        team.close()
+
+
+def _run_suite(team, name, model, data, out, *, features, pooling, weights, device, precision, batch_size, workers,
+               overwrite, progress, protocol, db_path, say, trust_code, merge_into, options) -> dict[str, Any] | None:
     suite = load_suite(name, protocol)
     opts = options.pop("options", None) or make_options(suite, options)
-    say = say or (lambda message: None)
+    if not team.lead:
+        say = lambda message: None  # noqa: E731 - one voice per launch
+        progress = False
     out = Path(out)
     features_path = Path(features) if features is not None else None
     if features_path is not None and suite.features is None:
@@ -638,7 +711,7 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
     if synthetic is not None:
         provenance["synthetic"] = synthetic
     ctx = RunContext(suite=suite, options=opts, run=None, data=data_obj, data_path=data_path,  # type: ignore[arg-type]
-                     batch_size=batch_size, workers=workers, progress=progress, overwrite=overwrite)
+                     batch_size=batch_size, workers=workers, progress=progress, overwrite=overwrite, team=team)
     record_fields: dict[str, Any] = {}
     if features_path is not None:
         opened = suite.open_features(features_path, data_obj, opts)
@@ -650,10 +723,10 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
         record_fields.update(opened.record)
     else:
         from pathrobust.devices import resolve_device, resolve_precision
+        from pathrobust.dist import local_device
         from pathrobust.encoders.base import build_encoder
-        from pathrobust.extract import FeatureCache
 
-        dev = resolve_device(device)
+        dev = resolve_device(local_device(device))
         encoder = build_encoder(model, pooling=pooling, weights=weights, device=dev, trust_code=trust_code)
         precision = resolve_precision(precision, dev, encoder.spec.precision)
         model_name = encoder.name
@@ -661,41 +734,124 @@ def run_suite(name: str | type[Suite], model: Any = None, data: str | Path | Non
                  "weights_sha256": encoder.weights_sha256 or ""}
         provenance["encoder"] = encoder.provenance()
         ctx.encoder, ctx.device, ctx.precision = encoder, dev, precision
-        ctx.cache = FeatureCache(out / suite.name / _safe(model_name) / "embeddings", encoder, precision, dev,
-                                 batch_size=batch_size, workers=workers, progress=progress)
         record_fields.update(encoder_record_fields(encoder, precision))
     config = {**ident, "data_fingerprint": data_fp, **suite.identity(opts)}
     label = model_name + (f"[{variant}]" if variant else "")
-    run = SuiteRun(out, suite.name, label, config, provenance, db_path=db_path)
+    run = SuiteRun(out, suite.name, label, config, provenance, db_path=db_path, team=team)
     ctx.run = run
-    if run.finished and not overwrite:
+    if merge_into is not None and Path(merge_into).resolve() != run.dir.resolve():
+        raise UserError(f"merge {merge_into}: its model, data or protocol changed since the shards ran (this "
+                        f"configuration is run {run.run_id}); run the shards again")
+    if features_path is None:
+        from pathrobust.extract import FeatureCache
+
+        ctx.cache = FeatureCache(out / suite.name / _safe(model_name) / "embeddings", ctx.encoder, ctx.precision,
+                                 ctx.device, batch_size=batch_size, workers=workers, progress=progress, team=team,
+                                 log=run.log)
+    if team.broadcast(run.finished and not overwrite):
         say(f"reusing the finished run {run.dir} (same model, data and protocol; --overwrite to redo it)")
-        return run.summary()
+        return run.summary() if team.lead else None
     with run:
+        if team.lead:
+            from pathrobust import shards
+
+            shards.write_launch(run.dir, shards.suite_launch(name, model, data, out, features, pooling, weights,
+                                                             device, precision, batch_size, workers, protocol,
+                                                             db_path, trust_code, opts))
+        if team.kind == "shard":
+            missing = _run_shard(ctx, team, say)
+            if missing:
+                return {"shard": f"{team.index}/{team.size}", "missing_shards": missing, "run_dir": str(run.dir)}
+            from pathrobust.dist import Team
+
+            team = ctx.team = Team()  # the last shard completes the run alone
+            if ctx.cache is not None:
+                ctx.cache.team = team
+                team.handlers["feature-cache.embed"] = ctx.cache._embed_together
+        if team.ranks and not team.is_main:
+            team.serve()  # rank 0 evaluates; this rank computes its share of what it sends
+            return None
         try:
-            result = suite.evaluate(ctx)
-        except UserError as exc:
-            run.log.error("%s", exc)
-            raise
-        except KeyboardInterrupt:
-            run.log.error("interrupted")
-            raise
-        if ctx.encoder is not None:  # throughput is known only after extraction
-            record_fields.update(encoder_record_fields(ctx.encoder, ctx.precision))
-        for table, frame in result.tables.items():
-            atomic.write_csv(frame, run.dir / f"{table}.csv")
-        summary = {"suite": suite.name, "model": model_name, "variant": variant,
-                   "headline": {"metric": suite.leaderboard.score_label, "value": result.headline,
-                                "ci": list(result.ci) if result.ci else None},
-                   "data_fingerprint": data_fp, "synthetic": synthetic is not None,
-                   "rows": [{"task": row.task, "metrics": row.metrics} for row in result.rows],
-                   "artefacts": result.artefacts, **result.summary}
-        records = [RunRecord(suite=suite.name, model=model_name, task=row.task, metrics=row.metrics,
-                             data_fingerprint=row.data_fingerprint or data_fp,
-                             options={**row.options, **({"variant": variant} if variant else {})},
-                             synthetic=synthetic is not None, variant=variant, run_id="auto", **record_fields)
-                   for row in result.rows]
-        return run.finish(summary, records)
+            with run.completing(say):
+                if run.finished and not overwrite:  # another launch completed it while we waited
+                    say(f"reusing the finished run {run.dir} (completed by another process)")
+                    return run.summary()
+                return _evaluate_and_finish(ctx, suite, run, model_name, variant, data_fp, synthetic, record_fields)
+        finally:
+            team.stop()
+
+
+def _evaluate_and_finish(ctx: RunContext, suite: Suite, run: SuiteRun, model_name: str, variant: str, data_fp: str,
+                         synthetic: Any, record_fields: dict[str, Any]) -> dict[str, Any]:
+    try:
+        result = suite.evaluate(ctx)
+    except UserError as exc:
+        run.log.error("%s", exc)
+        raise
+    except KeyboardInterrupt:
+        run.log.error("interrupted")
+        raise
+    if ctx.encoder is not None:  # throughput is known only after extraction
+        record_fields.update(encoder_record_fields(ctx.encoder, ctx.precision))
+    for table, frame in result.tables.items():
+        atomic.write_csv(frame, run.dir / f"{table}.csv")
+    summary = {"suite": suite.name, "model": model_name, "variant": variant,
+               "headline": {"metric": suite.leaderboard.score_label, "value": result.headline,
+                            "ci": list(result.ci) if result.ci else None},
+               "data_fingerprint": data_fp, "synthetic": synthetic is not None,
+               "rows": [{"task": row.task, "metrics": row.metrics} for row in result.rows],
+               "artefacts": result.artefacts, **result.summary}
+    records = [RunRecord(suite=suite.name, model=model_name, task=row.task, metrics=row.metrics,
+                         data_fingerprint=row.data_fingerprint or data_fp,
+                         options={**row.options, **({"variant": variant} if variant else {})},
+                         synthetic=synthetic is not None, variant=variant, run_id="auto", **record_fields)
+               for row in result.rows]
+    return run.finish(summary, records)
+
+
+def tile_sources(suite: Suite, data: Any, options: Any) -> list[tuple[str, Any]]:
+    """The tile sources a suite will embed, with their feature-cache names, when they can be
+    known before it runs (what job-array shards share): the suite's own
+    ``tile_sources(data, options)`` when it defines one, else the data itself when it maps
+    names to :class:`~pathrobust.data.tiles.TileSource` (PLISM's slides). Empty: unknown."""
+    from pathrobust.data.tiles import TileSource
+
+    hook = getattr(suite, "tile_sources", None)
+    if callable(hook):
+        return [(str(n), s) for n, s in hook(data, options)]
+    if isinstance(data, Mapping) and data and all(isinstance(v, TileSource) for v in data.values()):
+        return [(str(n), s) for n, s in data.items()]
+    return []
+
+
+def _run_shard(ctx: RunContext, team: Any, say: Callable[[str], None]) -> list[int]:
+    """A job-array shard: embed its share of the suite's tile sources, leave its marker;
+    returns the shards still missing (empty: this one completes the run)."""
+    from pathrobust import shards
+    from pathrobust.extract import extract_many
+
+    run = ctx.run
+    jobs = []
+    if ctx.cache is not None:
+        sources = tile_sources(ctx.suite, ctx.data, ctx.options)
+        pieces = max(1, -(-team.size // max(1, len(sources))))
+        jobs = [(ctx.cache.plan(source, name, pieces=pieces), name, source) for name, source in sources]
+        if not sources:
+            run.log.info("suite %s names no tile sources before it runs: this shard has nothing to share; "
+                         "the merge embeds and evaluates everything", ctx.suite.name)
+        extract_many(ctx.encoder, [j for j, _, _ in jobs], team=team, whole=False, num_workers=ctx.workers,
+                     precision=ctx.precision, device=ctx.device, progress=ctx.progress, log=run.log)
+        plan = shards.plan_digest([(name, ctx.cache.path(name).name, source) for _, name, source in jobs],
+                                  {"run_id": run.run_id})
+    else:
+        plan = shards.plan_digest([], {"run_id": run.run_id})
+    shards.write_marker(run.dir, team.index, team.size, plan)
+    run.log.info("shard %d/%d finished its share", team.index, team.size)
+    missing = shards.check_markers(run.dir)
+    if missing:
+        say(f"shard {team.index}/{team.size} done; waiting for shard(s) {', '.join(f'{i}/{team.size}' for i in missing)}: "
+            f"the last one completes the run, or `pathrobust merge {run.dir}`")
+    return missing
 
 
 def _safe(name: str) -> str:
