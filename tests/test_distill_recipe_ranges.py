@@ -46,7 +46,7 @@ def tiny(**changes) -> dict:
     ({"seed": -1}, "seed", "must be >= 0"),
     ({"optim__base_lr": math.nan}, "optim.base_lr", "must be a finite number"),
     ({"loss__teacher_temp": math.inf}, "loss.teacher_temp", "must be a finite number"),
-    ({"crops__global_scale": [0.3, math.nan]}, "crops.global_scale", "must be a finite number"),
+    ({"crops__global_scale": [0.3, math.nan]}, "crops.global_scale[1]", "must be a finite number"),
     ({"student__name": "my student"}, "student.name", "must be a non-empty word"),
     ({"teacher__model": " "}, "teacher.model", "must name an encoder"),
 ])

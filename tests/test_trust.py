@@ -10,7 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from pathrobust import trust
@@ -150,9 +152,14 @@ def test_os_abort_in_files_is_one_line_through_the_cli(tmp_path):
     data = json.loads((tmp_path / "m" / "encoder.json").read_text())
     data["arch_kwargs"]["act_layer"] = "os:abort"
     (tmp_path / "m" / "encoder.json").write_text(json.dumps(data))
-    proc = run_cli("models", "show", str(tmp_path / "m"))
+    shown = run_cli("models", "show", str(tmp_path / "m"), "--json")  # shown, not built: nothing imported
+    assert shown.returncode == 0 and json.loads(shown.stdout)["arch_kwargs"]["act_layer"] == "os:abort"
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(tiles / "a.png")
+    proc = run_cli("extract", "--model", str(tmp_path / "m"), "--data", str(tiles), "--out", str(tmp_path / "f"))
     assert_one_line_error(proc, "encoder.json", "'arch_kwargs.act_layer' = 'os:abort'", "--trust-code")
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and not (tmp_path / "f").exists()
 
 
 def test_recipe_cannot_name_foreign_code(tmp_path, marker_module):
