@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pathrobust.errors import UserError
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +237,7 @@ def test_ddp_two_processes_match_one(teacher, tmp_path):
     r = load_recipe(toml)
     distill(r, tmp_path / "one", progress=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PATHROBUST_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pathrobust", "distill", "--recipe", str(toml), "--out", str(tmp_path / "two"), "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from pathrobust.cli import main
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 BATCH, CHUNK = 8, 16
 SIZES = {"slide0": 120, "slide1": 250, "slide2": 70}   # 8 + 16 + 5 = 29 chunks of 16 tiles
@@ -49,15 +49,9 @@ def _env(**extra) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])), **extra}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "pathrobust", *args]
+           "--master_port", str(free_port()), "-m", "pathrobust", *args]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

@@ -38,7 +38,7 @@ def merge(
         return
     if "files" in result:
         err_console.print(f"✓ {run_dir}: {len(result['files'])} feature file(s) complete", highlight=False,
-                          markup=False)
+                          markup=False, soft_wrap=True)
         return
     from pathrobust.commands.suites import print_summary
     from pathrobust.shards import read_launch
