@@ -24,11 +24,40 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pathrobust.errors import UserError  # noqa: E402
-from pathrobust.registry import EncoderSpec, get_spec, list_specs, register_encoder, resolve_spec  # noqa: E402
-from pathrobust.encoders.base import Encoder, build_encoder  # noqa: E402
-from pathrobust.extract import extract_features, load_features  # noqa: E402
-from pathrobust.suites.base import Suite, SuiteResult, list_suites, register_suite, run_suite  # noqa: E402
+# The names below are imported on first use (PEP 562): `pathrobust --help` and a usage error
+# need neither torch nor timm, which take seconds to import.
+_EXPORTS = {
+    "UserError": "pathrobust.errors",
+    "EncoderSpec": "pathrobust.registry",
+    "get_spec": "pathrobust.registry",
+    "list_specs": "pathrobust.registry",
+    "register_encoder": "pathrobust.registry",
+    "resolve_spec": "pathrobust.registry",
+    "Encoder": "pathrobust.encoders.base",
+    "build_encoder": "pathrobust.encoders.base",
+    "extract_features": "pathrobust.extract",
+    "load_features": "pathrobust.extract",
+    "Suite": "pathrobust.suites.base",
+    "SuiteResult": "pathrobust.suites.base",
+    "list_suites": "pathrobust.suites.base",
+    "register_suite": "pathrobust.suites.base",
+    "run_suite": "pathrobust.suites.base",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pathrobust' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Encoder",
