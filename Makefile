@@ -21,7 +21,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pathrobust demo
 
 test: install
-	HF_HUB_OFFLINE=1 PATHROBUST_NO_PROGRESS=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 PATHROBUST_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info
